@@ -1,0 +1,110 @@
+"""Matrix expansion: a suite's axes become frozen cases with stable, readable ids."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from harness.spec import ID_PREFIX, DataSpec, EvalSpec, ModelSpec, Settings, SpecError, Suite, validate_settings
+
+
+class Case(BaseModel):
+    """One point of a suite's matrix: its id plus every resolved parameter. Plain, frozen, JSON-able."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    suite: str
+    case_id: str
+    suite_file: str  # absolute path of the suite file
+    tiers: tuple[str, ...]
+    stages: tuple[str, ...]
+    model: ModelSpec
+    data: DataSpec | None  # paths made absolute
+    eval: EvalSpec | None
+    task_dir: str  # absolute path of the shipped lm-eval tasks next to the suite
+    settings: Settings
+    axes: dict[str, Any]  # the matrix coordinates of this case (a subset of settings)
+    timeout_s: float
+
+    @property
+    def method(self) -> str:
+        return self.settings.method
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.settings.model_dump()
+
+
+def _token(axis: str, value: Any) -> str:
+    prefix = ID_PREFIX.get(axis, axis)
+    if isinstance(value, bool):
+        return prefix if value else f"no{prefix}"
+    if value is None:
+        return f"{prefix}none"
+    text = str(value).replace(",", "+")
+    return f"{prefix}{text}" if prefix else text
+
+
+def case_id(suite: str, axes: dict[str, Any]) -> str:
+    """``train-memory[qlora-nf4-dq-seq512]``: the method first, then the other axes in matrix order."""
+    ordered = ([("method", axes["method"])] if "method" in axes else []) + [
+        (k, v) for k, v in axes.items() if k != "method"
+    ]
+    return f"{suite}[{'-'.join(_token(k, v) for k, v in ordered)}]"
+
+
+def expand(suite: Suite, path: Path | str) -> list[Case]:
+    """Every combination of the matrix axes, in file order, each validated as a whole."""
+    path = Path(path).resolve()
+    base = path.parent
+    data = None
+    if suite.data is not None:
+        data = DataSpec(
+            train=str((base / suite.data.train).resolve()),
+            tokenizer_corpus=[str((base / p).resolve()) for p in suite.data.tokenizer_corpus],
+        )
+    model = suite.model
+    if model.source == "local":
+        model = model.model_copy(update={"path": str((base / model.path).resolve())})
+    axes_names = list(suite.matrix)
+    cases: list[Case] = []
+    seen: dict[str, int] = {}
+    for n, combo in enumerate(itertools.product(*(suite.matrix[a] for a in axes_names))):
+        axes = dict(zip(axes_names, combo))
+        settings: Settings = validate_settings(path, {**suite.settings, **axes}, "matrix")
+        cid = case_id(suite.name, axes)
+        if cid in seen:
+            raise SpecError(path, "matrix", f"duplicate case id {cid} (combinations {seen[cid]} and {n})")
+        seen[cid] = n
+        cases.append(
+            Case(
+                suite=suite.name,
+                case_id=cid,
+                suite_file=str(path),
+                tiers=tuple(suite.tiers),
+                stages=tuple(suite.stages),
+                model=model,
+                data=data,
+                eval=suite.eval,
+                task_dir=str((base / "tasks").resolve()),
+                settings=settings,
+                axes=axes,
+                timeout_s=suite.timeout_s,
+            )
+        )
+    return cases
+
+
+def matches(case: Case, selector: dict[str, Any]) -> bool:
+    """True when the case's settings equal the selector (a list value means any of them)."""
+    params = case.params
+    for key, want in selector.items():
+        have = params.get(key)
+        if isinstance(want, list) and not isinstance(have, list):
+            if have not in want:
+                return False
+        elif have != want:
+            return False
+    return True

@@ -1,0 +1,1 @@
+"""Measurement: memory sampling, timers and FLOPs, and the environment record."""

@@ -1,0 +1,168 @@
+"""Model sources (synthetic presets, local folders, hub ids), locally trained tokenizers, and loading per method."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from harness import methods, presets
+from harness.matrix import Case
+from harness.stages import Source
+
+# Synthetic presets up to this size get a real 16-bit checkpoint on disk; larger shapes are built on the GPU.
+MAX_MATERIALIZED_PARAMS = 2_000_000_000
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def cache_dir() -> Path:
+    """Where synthetic checkpoints and tokenizers are kept between runs (``QLORA_HARNESS_CACHE``)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-harness"
+    return Path(os.environ.get("QLORA_HARNESS_CACHE", default))
+
+
+def _corpus_texts(paths: list[str]):
+    """Every string field of every JSONL row of the given files (text, questions, choices...)."""
+    for p in paths:
+        with open(p) as fh:
+            for line in fh:
+                if line.strip():
+                    yield from _strings(json.loads(line))
+
+
+def _strings(obj: Any):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def _digest(paths: list[str], extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int, out: Path):
+    """A byte-level BPE tokenizer trained here on the suite's own data, saved as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus_texts(corpus), trainer=trainer)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.save_pretrained(out)
+    return fast
+
+
+def _fingerprint(folder: Path) -> str:
+    """A cheap content hash of a checkpoint: file names, sizes and each file's first MiB."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json")):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(2**20))
+    return h.hexdigest()[:16]
+
+
+def _synthetic(case: Case) -> Source:
+    import torch
+    from filelock import FileLock
+
+    spec = case.model
+    preset = presets.PRESETS[spec.preset]
+    corpus = ([case.data.train] + list(case.data.tokenizer_corpus)) if case.data else []
+    key = _digest(corpus, f"{preset}-{spec.num_layers}-{case.settings.seed}-v1")
+    folder = cache_dir() / "synthetic" / f"{preset.name}-{key}"
+    counts = presets.param_count(preset, num_layers=spec.num_layers)
+    materialize = counts["total"] <= MAX_MATERIALIZED_PARAMS
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):  # xdist workers share the cache: one builds, the others wait
+        if not (folder / "done").exists():
+            tok_dir = folder / "tokenizer"
+            if corpus:
+                train_tokenizer(corpus, preset.vocab_size, tok_dir)
+            if materialize:
+                from transformers import AutoModelForCausalLM
+
+                torch.manual_seed(case.settings.seed)
+                config = preset.hf_config(num_layers=spec.num_layers)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                # fp32 on disk: the 16-bit base is then a rounding of it, and the quant stage has a true floor
+                model.save_pretrained(folder / "checkpoint")
+            (folder / "done").write_text("ok\n")
+    checkpoint = folder / "checkpoint" if materialize else None
+    info = {
+        "source": "synthetic",
+        "preset": preset.name,
+        "shape_from": preset.source,
+        "num_layers": spec.num_layers or preset.num_hidden_layers,
+        "params": counts,
+        "fingerprint": _fingerprint(checkpoint) if checkpoint else key,
+    }
+    return Source(checkpoint, folder / "tokenizer" if corpus else None, preset, info)
+
+
+def prepare(case: Case) -> Source:
+    """Make the case's model ready: build (or reuse) a synthetic checkpoint, or point at a local / hub one."""
+    spec = case.model
+    if spec.source == "synthetic":
+        return _synthetic(case)
+    if spec.source == "local":
+        folder = Path(spec.path)
+        return Source(folder, folder, None, {"source": "local", "path": str(folder),
+                                             "fingerprint": _fingerprint(folder)})
+    from huggingface_hub import snapshot_download
+
+    # Uses the local cache when offline (HF_HUB_OFFLINE=1) and downloads when the hub is reachable.
+    folder = Path(snapshot_download(spec.hub_id, revision=spec.revision,
+                                    allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    return Source(folder, folder, None, {"source": "hub", "hub_id": spec.hub_id, "revision": spec.revision,
+                                         "fingerprint": _fingerprint(folder)})
+
+
+def load_tokenizer(source: Source):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source.tokenizer or source.checkpoint)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # the QLoRA tutorials' convention
+    return tok
+
+
+def load_base(source: Source, method_name: str, compute_dtype: str, quant_storage: str, device: str):
+    """The base of a method: 16-bit for lora-bf16, 4-bit via ``BitsAndBytesConfig`` for the QLoRA methods."""
+    from transformers import AutoModelForCausalLM
+
+    if source.checkpoint is None:
+        raise RuntimeError(
+            f"preset {source.info.get('preset')} is too large to write a 16-bit checkpoint: "
+            "it is built in 4-bit on the GPU (build_4bit_on_device)"
+        )
+    method = methods.get(method_name)
+    dtype = methods.torch_dtype(compute_dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    qconfig = methods.bnb_config(method, compute_dtype, quant_storage)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    return AutoModelForCausalLM.from_pretrained(source.checkpoint, **kwargs)

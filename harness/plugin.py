@@ -1,0 +1,235 @@
+"""pytest plugin (entry point ``pytest11``): suite YAML files become test items, one per case.
+
+A thin adapter: the work is done by harness.spec, harness.matrix, harness.runner and harness.report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.spec import TIERS, RatioExpectation, SpecError
+
+RUN_KEY = pytest.StashKey["object"]()
+SEEN_KEY = pytest.StashKey[dict]()
+SKIP_DIRS = {"tasks", "data"}  # lm-eval task files and data live beside suites; they are not suites
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("qlora-harness")
+    group.addoption("--tier", default="auto",
+                    help=f"hardware tier whose cases run: auto (from the GPU's memory) or one of {', '.join(TIERS)}")
+    group.addoption("--baseline", default=None,
+                    help="a run id, run folder or results/baselines/<tier> folder to compare each case with")
+    group.addoption("--run-id", default=None, help="name of the run folder under results/ (default: time-host)")
+    group.addoption("--results-dir", default="results", help="where run folders are written")
+    group.addoption("--reports-dir", default="reports", help="where HTML reports are written")
+    group.addoption("--no-report", action="store_true", help="do not render HTML at the end of the session")
+
+
+def pytest_configure(config):
+    from harness.runner import Run, resolve_tier
+
+    for tier in TIERS:
+        config.addinivalue_line("markers", f"{tier.replace('-', '_')}: cases of suites in the {tier} tier")
+    config.addinivalue_line("markers", "suite(name): a case of the named harness suite")
+    try:
+        tier, budget, why = resolve_tier(config.getoption("tier"))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    run_id = config.getoption("run_id")
+    if hasattr(config, "workerinput"):  # an xdist worker joins the controller's run
+        run_id = config.workerinput["harness_run_id"]
+    results = Path(config.getoption("results_dir"))
+    run = Run(results_dir=results.resolve(), run_id=run_id or "", tier=tier, budget_gib=budget, tier_why=why)
+    from harness.measure.machine import memory_budget_gib
+
+    gpu_mem = memory_budget_gib()
+    if TIERS[tier] is not None and (gpu_mem is None or gpu_mem < TIERS[tier] * 0.9):
+        run.machine_fits = False
+    if not hasattr(config, "workerinput") and not run_id:
+        while run.dir.exists():  # never reuse an earlier run's folder
+            import time
+
+            time.sleep(1)
+            run.run_id = ""
+            run.__post_init__()
+    config.stash[RUN_KEY] = run
+    config.stash[SEEN_KEY] = {}
+    config.pluginmanager.register(_XdistHooks(run), "harness-xdist") if config.pluginmanager.hasplugin(
+        "xdist") else None
+
+
+class _XdistHooks:
+    def __init__(self, run):
+        self.run = run
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node):
+        node.workerinput["harness_run_id"] = self.run.run_id
+
+
+def is_suite_file(path: Path) -> bool:
+    """A YAML file under a folder named ``suites`` (not in its tasks/ or data/ folders)."""
+    if path.suffix not in (".yaml", ".yml") or path.name.startswith("_"):
+        return False
+    parents = [p.name for p in path.parents]
+    if "suites" not in parents:
+        return False
+    inside = parents[: parents.index("suites")]
+    return not (set(inside) & SKIP_DIRS)
+
+
+def pytest_collect_file(file_path: Path, parent):
+    if is_suite_file(file_path):
+        return SuiteFile.from_parent(parent, path=file_path)
+    return None
+
+
+def _display(path: Path, config) -> str:
+    try:
+        return str(path.relative_to(config.rootpath))
+    except ValueError:
+        return str(path)
+
+
+class SuiteFile(pytest.File):
+    def collect(self):
+        from harness.matrix import expand
+        from harness.spec import load_suite
+
+        shown = _display(self.path, self.config)
+        try:
+            suite = load_suite(self.path)
+            cases = expand(suite, self.path)
+        except SpecError as exc:
+            raise self.CollectError(f"{shown}: {exc.where}: {exc.what}" if exc.where else f"{shown}: {exc.what}") from None
+        seen = self.config.stash[SEEN_KEY]
+        for case in cases:
+            if case.case_id in seen and seen[case.case_id] != shown:
+                raise self.CollectError(f"{shown}: name: duplicate case id {case.case_id} (also in {seen[case.case_id]})")
+            seen[case.case_id] = shown
+        self.suite = suite
+        for case in cases:
+            item = CaseItem.from_parent(self, name=case.case_id, case=case, suite=suite)
+            for tier in case.tiers:
+                item.add_marker(getattr(pytest.mark, tier.replace("-", "_")))
+            item.add_marker(pytest.mark.suite(suite.name))
+            yield item
+        for exp in suite.expectations:
+            if isinstance(exp, RatioExpectation):
+                yield RatioItem.from_parent(self, name=f"{suite.name}::{exp.label}", exp=exp, cases=cases)
+
+
+def _baseline(config):
+    cached = getattr(config, "_harness_baseline", None)
+    ref = config.getoption("baseline")
+    if ref is None or cached is not None:
+        return cached
+    from harness.compare import load_baseline
+
+    try:
+        config._harness_baseline = load_baseline(ref)
+    except (FileNotFoundError, ValueError) as exc:
+        raise pytest.UsageError(f"--baseline: {exc}") from None
+    return config._harness_baseline
+
+
+class CaseItem(pytest.Item):
+    def __init__(self, *, case, suite, **kwargs):
+        super().__init__(**kwargs)
+        self.case = case
+        self.suite = suite
+
+    def runtest(self):
+        run = self.config.stash[RUN_KEY]
+        why = run.not_selected(self.case)
+        if why:
+            pytest.skip(why)
+        record = run.run_case(self.case, self.suite, _baseline(self.config))
+        self.user_properties.append(("record", str(run.dir)))
+        if record.status == "skipped":
+            pytest.skip(record.message)
+        if record.status != "passed":
+            raise CaseFailed(f"{record.status}: {record.message}")
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, CaseFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, None, self.name
+
+
+class RatioItem(pytest.Item):
+    """A ratio between cases of one suite, checked after those cases ran (in this session)."""
+
+    def __init__(self, *, exp, cases, **kwargs):
+        super().__init__(**kwargs)
+        self.exp = exp
+        self.cases = cases
+
+    def runtest(self):
+        run = self.config.stash[RUN_KEY]
+        selected = {i.case.case_id for i in self.session.items if isinstance(i, CaseItem)}
+        cases = [c for c in self.cases if c.case_id in selected and run.not_selected(c) is None]
+        if not cases:
+            pytest.skip("none of its cases ran in this session")
+        xdist = hasattr(self.config, "workerinput")
+        results = run.check_ratio(self.exp, cases, wait_s=sum(c.timeout_s for c in cases) if xdist else 0)
+        if not results:
+            pytest.skip("no pair of numerator and denominator cases ran in this session")
+        bad = [r.message for r in results if not r.ok]
+        if bad:
+            raise CaseFailed("; ".join(bad))
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, CaseFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, None, self.name
+
+
+class CaseFailed(Exception):
+    """A case whose record is failed, oom or error: the message is the report (no traceback)."""
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    run = config.stash.get(RUN_KEY, None)
+    if run is None or hasattr(config, "workerinput") or not run.dir.exists():
+        return
+    from harness.records import iter_records
+
+    records = iter_records(run.dir)
+    if not records:
+        return
+    tr = terminalreporter
+    tr.section("qlora-harness")
+    try:
+        from harness.report import summary_table
+
+        tr.write_line(summary_table(records))
+    except ImportError:
+        pass
+    tr.write_line(f"records: {run.dir}")
+    report = getattr(config, "_harness_report", None)
+    if report:
+        tr.write_line(f"report:  {report}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    run = config.stash.get(RUN_KEY, None)
+    if run is None or hasattr(config, "workerinput") or config.getoption("no_report") or not run.dir.exists():
+        return
+    from harness.report import render_index, render_run
+
+    reports = Path(config.getoption("reports_dir")).resolve()
+    baseline = config.getoption("baseline")
+    config._harness_report = render_run(run.dir, reports, baseline=Path(baseline) if baseline and Path(baseline).exists() else None)
+    render_index(run.results_dir, reports)

@@ -1,0 +1,364 @@
+"""Pydantic models of a suite file, and YAML loading whose errors name the file, the field and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from harness import methods, presets
+
+Scalar = str | int | float | bool | None
+# Tier -> memory budget in GiB a case's predicted peak must fit (cards sold as 24/48/80 GB show a bit less).
+TIERS: dict[str, float | None] = {"cpu": None, "gpu-24gb": 23.5, "gpu-48gb": 47.5, "gpu-80gb": 79.0}
+STAGES = ("quant", "train", "eval")
+OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit")
+WEIGHT_SOURCES = ("model", "normal", "student_t", "laplace", "outliers")
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class SpecError(Exception):
+    """A mistake in a suite file: ``str()`` is the one line a user sees."""
+
+    def __init__(self, path: Path | str, where: str, what: str):
+        self.path, self.where, self.what = str(path), where, what
+        super().__init__(f"{self.path}: {where}: {what}" if where else f"{self.path}: {what}")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Settings(Strict):
+    """Every scalar knob of a case. Any of them can be an axis of the matrix."""
+
+    method: str = "qlora-nf4"
+    # quantization
+    blocksize: int = 64  # bitsandbytes block size of the quant stage (loading uses bitsandbytes' default, 64)
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    quant_storage: Literal["uint8", "bf16", "fp16", "fp32"] = "uint8"
+    weight_source: Literal[WEIGHT_SOURCES] = "model"  # quant stage: the model's layers or synthetic tensors
+    # training
+    seq_len: int = Field(128, ge=8)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(30, ge=1)
+    warmup_steps: int = Field(3, ge=0)  # steps excluded from timing
+    learning_rate: float = Field(2e-4, gt=0)
+    optimizer: Literal[OPTIMIZERS] = "adamw_torch"
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str = "q,k,v,o,gate,up,down"
+    seed: int = 0
+    # evaluation
+    eval_limit: int | None = Field(None, ge=1)
+    eval_batch_size: int = Field(16, ge=1)
+    merge: bool = True  # also score the adapter merged into its base
+    # isolation
+    memory_limit_gib: float | None = Field(None, gt=0)  # address-space limit of the worker (CPU OOM tests)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        methods.get(v)
+        return v
+
+    @field_validator("blocksize")
+    @classmethod
+    def _blocksize(cls, v: int) -> int:
+        if v < 32 or v > 4096 or v & (v - 1):
+            raise ValueError(f"blocksize {v} must be a power of two from 32 to 4096")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: str) -> str:
+        names = [t.strip() for t in v.split(",") if t.strip()]
+        bad = [t for t in names if t not in PROJECTIONS]
+        if not names or bad:
+            raise ValueError(f"target_modules {v!r}: expected a comma list of {', '.join(PROJECTIONS)}")
+        return ",".join(names)
+
+    @model_validator(mode="after")
+    def _steps(self) -> Settings:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
+
+# How each axis shows in a case id: seq_len=512 -> "seq512"; booleans as "gc" / "nogc".
+ID_PREFIX = {
+    "seq_len": "seq", "batch_size": "bs", "grad_accum": "ga", "max_steps": "steps", "warmup_steps": "warm",
+    "learning_rate": "lr", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "drop", "blocksize": "block",
+    "seed": "seed", "eval_limit": "limit", "eval_batch_size": "ebs", "memory_limit_gib": "mem",
+    "gradient_checkpointing": "gc", "packing": "pack", "merge": "merge", "quant_storage": "store",
+    "target_modules": "", "compute_dtype": "", "optimizer": "", "weight_source": "", "method": "",
+}
+
+
+class ModelSpec(Strict):
+    source: Literal["synthetic", "local", "hub"]
+    preset: str | None = None  # synthetic: a name from harness.presets
+    path: str | None = None  # local: a checkpoint folder, relative to the suite file
+    hub_id: str | None = None  # hub: a model id, used when cached or reachable
+    revision: str | None = None
+    num_layers: int | None = Field(None, ge=1)  # synthetic: keep only the first N layers (shape studies)
+
+    @model_validator(mode="after")
+    def _source(self) -> ModelSpec:
+        need = {"synthetic": "preset", "local": "path", "hub": "hub_id"}[self.source]
+        if getattr(self, need) is None:
+            raise ValueError(f"source {self.source!r} needs '{need}'")
+        if self.source == "synthetic" and self.preset not in presets.PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r} (expected one of {', '.join(presets.PRESETS)})")
+        return self
+
+
+class DataSpec(Strict):
+    train: str  # JSONL with a "text" field (or "messages"), relative to the suite file
+    tokenizer_corpus: list[str] = []  # further files a synthetic model's tokenizer is trained on
+
+
+class EvalSpec(Strict):
+    tasks: list[str] = Field(min_length=1)  # shipped (suites/tasks/*.yaml) or installed lm-eval tasks
+    num_fewshot: int = Field(0, ge=0)
+
+
+class MetricExpectation(Strict):
+    """A bound on one metric of every case (or of the cases ``where`` selects)."""
+
+    metric: str
+    min: float | None = None
+    max: float | None = None
+    where: dict[str, Scalar | list[Scalar]] = {}
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> MetricExpectation:
+        _check_bounds(self.min, self.max)
+        return self
+
+
+class RatioExpectation(Strict):
+    """A bound on ``metric(numerator case) / metric(denominator case)``, pairing cases equal on other axes."""
+
+    ratio: str
+    numerator: dict[str, Scalar]
+    denominator: dict[str, Scalar]
+    min: float | None = None
+    max: float | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RatioExpectation:
+        _check_bounds(self.min, self.max)
+        if not self.numerator or not self.denominator:
+            raise ValueError("numerator and denominator must each select cases, e.g. {method: qlora-fp4}")
+        return self
+
+    @property
+    def label(self) -> str:
+        num = "-".join(str(v) for v in self.numerator.values())
+        den = "-".join(str(v) for v in self.denominator.values())
+        return self.name or f"{self.ratio}:{num}/{den}"
+
+
+def _check_bounds(lo: float | None, hi: float | None) -> None:
+    if lo is None and hi is None:
+        raise ValueError("an expectation needs 'min', 'max' or both")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"min ({lo}) is above max ({hi})")
+
+
+def _expectation_kind(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return "ratio" if "ratio" in v else "metric" if "metric" in v else None
+    return "ratio" if isinstance(v, RatioExpectation) else "metric" if isinstance(v, MetricExpectation) else None
+
+
+Expectation = Annotated[
+    Annotated[MetricExpectation, Tag("metric")] | Annotated[RatioExpectation, Tag("ratio")],
+    Discriminator(
+        _expectation_kind,
+        custom_error_type="expectation",
+        custom_error_message="an expectation is a mapping with 'metric' (a bound) or 'ratio' (between cases)",
+    ),
+]
+
+
+def _tier(t: str) -> str:
+    if t not in TIERS:
+        raise ValueError(f"unknown tier {t!r} (expected one of {', '.join(TIERS)})")
+    return t
+
+
+class Suite(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    description: str = ""
+    tiers: list[Annotated[str, AfterValidator(_tier)]] = Field(min_length=1)
+    model: ModelSpec
+    data: DataSpec | None = None
+    stages: list[Literal[STAGES]] = Field(min_length=1)
+    settings: dict[str, Scalar] = {}
+    matrix: dict[str, list[Scalar]]
+    eval: EvalSpec | None = None
+    expectations: list[Expectation] = []
+    tolerances: dict[str, float] = {}  # metric pattern -> relative tolerance against a baseline
+    timeout_s: float = Field(1800, gt=0)  # per case; a hung worker is killed after this
+
+    @field_validator("matrix")
+    @classmethod
+    def _matrix(cls, v: dict[str, list[Scalar]]) -> dict[str, list[Scalar]]:
+        if not v:
+            raise ValueError("the matrix is empty: name at least one axis, e.g. method: [qlora-nf4]")
+        for axis, values in v.items():
+            if not values:
+                raise ValueError(f"axis {axis!r} has no values")
+        return v
+
+    @model_validator(mode="after")
+    def _needs(self) -> Suite:
+        if ("train" in self.stages or "eval" in self.stages) and self.data is None:
+            raise ValueError("stages 'train' and 'eval' need 'data: {train: <file.jsonl>}'")
+        if "eval" in self.stages and self.eval is None:
+            raise ValueError("stage 'eval' needs 'eval: {tasks: [...]}'")
+        if "eval" in self.stages and "train" not in self.stages:
+            raise ValueError("stage 'eval' scores a trained adapter: add stage 'train'")
+        return self
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("metric", "ratio") and out.startswith("expectations"):
+            continue  # the tag of a discriminated union is noise to the user
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _message(err: dict[str, Any]) -> str:
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required field is missing"
+    if "input" in err and err["type"].endswith(("_type", "_parsing")):
+        return f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def _first_error(exc: ValidationError) -> tuple[str, str]:
+    err = exc.errors()[0]
+    return _where(err["loc"]), _message(err)
+
+
+def setting_names() -> list[str]:
+    return list(Settings.model_fields)
+
+
+def validate_settings(path: Path | str, values: dict[str, Any], where: str) -> Settings:
+    """Settings for one case; errors point at ``where`` (e.g. ``matrix.method[2]``)."""
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        loc, msg = _first_error(exc)
+        raise SpecError(path, ".".join(p for p in (where, loc) if p), msg) from None
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SpecError(path, "", f"cannot read: {exc.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        line = f"line {mark.line + 1}" if mark is not None else ""
+        raise SpecError(path, line, f"YAML syntax error: {problem}") from None
+
+
+def load_suite(path: Path | str) -> Suite:
+    """Read and validate a suite file. Raises SpecError with a one-line message."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise SpecError(path, "", f"a suite is a YAML mapping, got {type(raw).__name__}")
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as exc:
+        loc, msg = _first_error(exc)
+        raise SpecError(path, loc, msg) from None
+    _check_semantics(path, suite)
+    return suite
+
+
+def _check_semantics(path: Path, suite: Suite) -> None:
+    known = setting_names()
+    for key in suite.settings:
+        if key not in known:
+            raise SpecError(path, f"settings.{key}", f"unknown setting (expected one of {', '.join(known)})")
+    for axis, values in suite.matrix.items():
+        if axis not in known:
+            raise SpecError(path, f"matrix.{axis}", f"unknown setting (expected one of {', '.join(known)})")
+        if axis in suite.settings:
+            raise SpecError(path, f"matrix.{axis}", "is also fixed under 'settings': keep one")
+        for i, value in enumerate(values):
+            if value is not None and not isinstance(value, str | int | float | bool):
+                raise SpecError(path, f"matrix.{axis}[{i}]", f"expected a scalar, got {type(value).__name__}")
+            try:
+                Settings.model_validate({axis: value})
+            except ValidationError as exc:
+                errs = [e for e in exc.errors() if e["loc"][:1] == (axis,)]
+                if errs:
+                    raise SpecError(path, f"matrix.{axis}[{i}]", _message(errs[0])) from None
+    validate_settings(path, dict(suite.settings), "settings")
+    for i, exp in enumerate(suite.expectations):
+        selectors = exp.where if isinstance(exp, MetricExpectation) else {**exp.numerator, **exp.denominator}
+        for key in selectors:
+            if key not in known:
+                raise SpecError(path, f"expectations[{i}]", f"selects on unknown setting {key!r}")
+    base = path.parent
+    if suite.model.source == "local" and not (base / suite.model.path).is_dir():
+        raise SpecError(path, "model.path", f"checkpoint folder not found: {base / suite.model.path}")
+    if suite.data is not None:
+        for where, rel in [("data.train", suite.data.train)] + [
+            (f"data.tokenizer_corpus[{i}]", p) for i, p in enumerate(suite.data.tokenizer_corpus)
+        ]:
+            if not (base / rel).is_file():
+                raise SpecError(path, where, f"data file not found: {base / rel}")
+    if suite.eval is not None:
+        task_dir = base / "tasks"
+        for i, task in enumerate(suite.eval.tasks):
+            shipped = task_dir / f"{task}.yaml"
+            if shipped.is_file():
+                _check_task_data(path, f"eval.tasks[{i}]", shipped)
+
+
+def _check_task_data(path: Path, where: str, task_file: Path) -> None:
+    """A shipped lm-eval task's data files (relative to the task file) must exist."""
+    cfg = read_yaml(task_file) or {}
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+    for split, rel in (files.items() if isinstance(files, dict) else []):
+        if not (task_file.parent / rel).is_file():
+            raise SpecError(path, where, f"task {task_file.name}: data file for split {split!r} not found: "
+                                         f"{(task_file.parent / rel).resolve()}")
