@@ -1,0 +1,337 @@
+"""Quantization fidelity: bitsandbytes' NF4/FP4 round trip of every linear layer, its error and its storage.
+
+For each quantizable projection W (q, k, v, o, gate, up, down of every decoder layer), one tensor at a time:
+
+* method: W -> compute_dtype -> ``bitsandbytes.functional.quantize_4bit`` -> ``dequantize_4bit`` = Ŵ, in the
+  compute dtype (the dtype the 4-bit layer's matmul sees). For ``lora-bf16``, Ŵ = W rounded to bf16.
+* references, in the same record: ``int4_ref`` (symmetric absmax int4, same blocksize, not bitsandbytes) and
+  ``bf16_floor`` (W rounded to bf16: the error every 16-bit method already has).
+
+Errors are measured against W in fp32 and pooled over elements (a layer weighs by its parameter count).
+Storage is counted from the tensors bitsandbytes returns, so double quantization's nested statistics show.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from harness import methods, presets
+from harness.spec import PROJECTIONS
+from harness.stages import Context, StageOutput
+
+INIT_STD = 0.02  # std of every synthetic distribution (Llama's initializer_range)
+STUDENT_T_DF = 3  # student_t: degrees of freedom (heavy tails, finite variance)
+OUTLIER_EVERY = 256  # outliers: one outlier input column per this many input features (at least one)
+OUTLIER_SCALE = 20.0  # outliers: factor applied to those columns
+INT4_LEVELS = 7  # int4_ref: round(x / absmax * 7) in [-7, 7]; -8 would never be produced, so 15 levels
+WARMUP_NUMEL = 64 * 256  # elements of the tensor quantized once before timing (kernel load, first-call costs)
+BF16_BITS = 16  # storage of a 16-bit weight, and of everything a 4-bit model leaves unquantized
+
+# Checkpoint keys of the quantizable linears: model.layers.<i>.self_attn.q_proj.weight, ...mlp.down_proj.weight
+LINEAR_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
+METRICS = ("rmse", "rel_error", "mae", "max_abs_error", "cosine")
+
+
+@dataclass
+class ErrorStats:
+    """Sufficient statistics of W vs Ŵ; they add over tensors, so pooled metrics weigh by element count."""
+
+    n: int = 0
+    sse: float = 0.0  # sum (W - Ŵ)^2
+    sae: float = 0.0  # sum |W - Ŵ|
+    max_abs: float = 0.0
+    w2: float = 0.0  # sum W^2
+    h2: float = 0.0  # sum Ŵ^2
+    dot: float = 0.0  # sum W * Ŵ
+
+    @classmethod
+    def of(cls, w: torch.Tensor, w_hat: torch.Tensor) -> ErrorStats:
+        """Statistics of one tensor (fp32 differences, fp64 sums)."""
+        w, w_hat = w.float(), w_hat.float()
+        d = w_hat - w
+        f64 = torch.float64
+        sums = torch.stack([(d * d).sum(dtype=f64), d.abs().sum(dtype=f64), (w * w).sum(dtype=f64),
+                            (w_hat * w_hat).sum(dtype=f64), (w * w_hat).sum(dtype=f64),
+                            d.abs().max().to(f64)]).tolist()  # one device->host transfer
+        return cls(w.numel(), sums[0], sums[1], sums[5], sums[2], sums[3], sums[4])
+
+    def __iadd__(self, o: ErrorStats) -> ErrorStats:
+        self.n, self.sse, self.sae = self.n + o.n, self.sse + o.sse, self.sae + o.sae
+        self.max_abs = max(self.max_abs, o.max_abs)
+        self.w2, self.h2, self.dot = self.w2 + o.w2, self.h2 + o.h2, self.dot + o.dot
+        return self
+
+    def metrics(self) -> dict[str, float]:
+        """rmse, rel_error (‖W−Ŵ‖_F/‖W‖_F), mae, max_abs_error, cosine."""
+        n = max(self.n, 1)
+        norm = math.sqrt(self.w2 * self.h2)
+        return {
+            "rmse": math.sqrt(self.sse / n),
+            "rel_error": math.sqrt(self.sse / self.w2) if self.w2 else 0.0,
+            "mae": self.sae / n,
+            "max_abs_error": self.max_abs,
+            "cosine": self.dot / norm if norm else 1.0,
+        }
+
+
+@dataclass
+class Storage:
+    """Bytes of one stored weight; the fields add over tensors."""
+
+    n: int = 0  # parameters
+    packed_bytes: int = 0  # the weight data (4-bit codes; for a 16-bit weight, the weight itself)
+    absmax_bytes: int = 0  # one scale per block (fp32; uint8 when double-quantized)
+    nested_absmax_bytes: int = 0  # DQ: fp32 scale per 256 first-level scales
+    nested_bytes: int = 0  # DQ: nested absmax + offset + the 8-bit code table (state2.code)
+    code_bytes: int = 0  # the 4-bit code table (QuantState.code, saved as quant_map)
+
+    def __iadd__(self, o: Storage) -> Storage:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(o, f.name))
+        return self
+
+    @property
+    def bits_per_param(self) -> float:
+        """Per-element storage, the QLoRA paper's definition: codes + absmax (+ nested absmax)."""
+        return 8 * (self.packed_bytes + self.absmax_bytes + self.nested_absmax_bytes) / self.n
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything a checkpoint stores for the tensor, per-tensor constants included."""
+        return self.packed_bytes + self.absmax_bytes + self.nested_bytes + self.code_bytes
+
+
+def nbytes(t: torch.Tensor | None) -> int:
+    """Bytes held by a tensor (0 for None)."""
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def storage_of(packed: torch.Tensor, state) -> Storage:
+    """Storage of a bitsandbytes 4-bit weight, read from its packed data and QuantState."""
+    s = Storage(math.prod(state.shape), nbytes(packed), nbytes(state.absmax), code_bytes=nbytes(state.code))
+    if state.nested:
+        s.nested_absmax_bytes = nbytes(state.state2.absmax)
+        s.nested_bytes = s.nested_absmax_bytes + nbytes(state.offset) + nbytes(state.state2.code)
+    return s
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued kernels so a host clock reads finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def quantize(w: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int = 64,
+             compute_dtype: torch.dtype = torch.bfloat16, quant_storage: torch.dtype = torch.uint8):
+    """bitsandbytes round trip of one tensor: (Ŵ in compute_dtype, Storage, quantize_s, dequantize_s)."""
+    import bitsandbytes.functional as bnbf
+
+    x = w.to(compute_dtype)
+    _sync(w.device)
+    t0 = time.perf_counter()
+    packed, state = bnbf.quantize_4bit(x, blocksize=blocksize, compress_statistics=double_quant,
+                                       quant_type=quant_type, quant_storage=quant_storage)
+    _sync(w.device)
+    t1 = time.perf_counter()
+    w_hat = bnbf.dequantize_4bit(packed, state)
+    _sync(w.device)
+    t2 = time.perf_counter()
+    return w_hat, storage_of(packed, state), t1 - t0, t2 - t1
+
+
+def int4_absmax(w: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Reference, not bitsandbytes: symmetric absmax int4 per block, x̂ = round(x·7/absmax)·absmax/7."""
+    flat = w.float().reshape(-1)
+    pad = (-flat.numel()) % blocksize
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
+    scale = blocks.abs().amax(1, keepdim=True) / INT4_LEVELS
+    scale.clamp_(min=torch.finfo(torch.float32).tiny)  # an all-zero block: 0 / tiny = 0, not 0 / 0
+    q = torch.round(blocks / scale).clamp_(-INT4_LEVELS, INT4_LEVELS)
+    return (q * scale).view(-1)[: flat.numel()].view_as(w)
+
+
+def int4_storage(n: int, blocksize: int) -> Storage:
+    """Storage of the int4 reference: 4-bit codes and one fp32 absmax per block."""
+    return Storage(n, (n + 1) // 2, 4 * math.ceil(n / blocksize))
+
+
+# --- weights: a checkpoint's layers, or synthetic tensors shaped like the model's -------------------------
+
+def synthetic(shape: tuple[int, int], dist: str, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """One (out, in) fp32 tensor with std INIT_STD drawn from ``dist``, on ``device``."""
+    randn = lambda: torch.randn(shape, generator=gen, device=device)  # noqa: E731
+    if dist in ("normal", "model", "outliers"):
+        w = randn()
+    elif dist == "student_t":  # z / sqrt(chi2_df / df), chi2 as a sum of df squared normals
+        chi2 = sum(randn().square_() for _ in range(STUDENT_T_DF))
+        w = randn().div_(chi2.div_(STUDENT_T_DF).sqrt_()).div_(math.sqrt(STUDENT_T_DF / (STUDENT_T_DF - 2)))
+    elif dist == "laplace":  # log(u1 / u2) of two uniforms on (0, 1] is Laplace(0, 1), variance 2
+        u1, u2 = (1 - torch.rand(shape, generator=gen, device=device) for _ in range(2))
+        w = u1.div_(u2).log_().div_(math.sqrt(2))
+    else:
+        raise ValueError(f"unknown weight source {dist!r}")
+    w.mul_(INIT_STD)
+    if dist == "outliers":
+        cols = torch.randperm(shape[1], generator=gen, device=device)[: max(1, shape[1] // OUTLIER_EVERY)]
+        w[:, cols] *= OUTLIER_SCALE
+    return w
+
+
+def _shape_preset(ctx: Context) -> presets.Preset:
+    """The shapes synthetic weights take: the source's preset, its checkpoint's config, or tiny-llama."""
+    if ctx.source.preset is not None:
+        return ctx.source.preset
+    config = ctx.source.checkpoint and Path(ctx.source.checkpoint) / "config.json"
+    if not config or not config.is_file():
+        return presets.PRESETS["tiny-llama"]
+    c = json.loads(config.read_text())
+    heads = c["num_attention_heads"]
+    return presets.Preset(
+        "checkpoint", "llama", c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], heads,
+        c.get("num_key_value_heads") or heads, c["vocab_size"], c.get("max_position_embeddings", 2048),
+        c.get("rope_theta", 10000.0), c.get("rms_norm_eps", 1e-5), str(config),
+        bool(c.get("tie_word_embeddings", False)),
+    )
+
+
+Layer = tuple[int, str, str, torch.Tensor]  # (layer index, type, name, W in fp32 on the device)
+
+
+def generated_layers(ctx: Context, dist: str) -> tuple[Iterator[Layer], int]:
+    """Seeded synthetic layers generated on the device one tensor at a time, and the unquantized param count."""
+    p = _shape_preset(ctx)
+    num_layers = ctx.case.model.num_layers or p.num_hidden_layers
+    counts = presets.param_count(p, num_layers=num_layers)
+    device = torch.device(ctx.device)
+    gen = torch.Generator(device=device).manual_seed(ctx.case.settings.seed)
+
+    def layers() -> Iterator[Layer]:
+        for i in range(num_layers):
+            for kind, shape in presets.linear_shapes(p).items():
+                name = f"model.layers.{i}.{'mlp' if kind in ('gate', 'up', 'down') else 'self_attn'}.{kind}_proj"
+                yield i, kind, name, synthetic(shape, dist, gen, device)
+
+    return layers(), counts["total"] - counts["linear"]
+
+
+def checkpoint_layers(ctx: Context) -> tuple[Iterator[Layer], int]:
+    """A checkpoint's linears, read one tensor at a time with safe_open, and its unquantized param count."""
+    from safetensors import safe_open
+
+    files = sorted(Path(ctx.source.checkpoint).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {ctx.source.checkpoint}")
+    linears: list[tuple[int, int, str, Path]] = []  # (layer, type order, key, file)
+    other = 0
+    for f in files:
+        with safe_open(f, framework="pt") as fh:
+            for key in fh.keys():
+                m = LINEAR_KEY.search(key)
+                if m:
+                    linears.append((int(m[1]), PROJECTIONS.index(m[2]), key, f))
+                else:
+                    other += math.prod(fh.get_slice(key).get_shape())
+    device = torch.device(ctx.device)
+
+    def layers() -> Iterator[Layer]:
+        for i, t, key, f in sorted(linears):
+            with safe_open(f, framework="pt") as fh:
+                w = fh.get_tensor(key).to(device=device, dtype=torch.float32)
+            yield i, PROJECTIONS[t], key.removesuffix(".weight"), w
+
+    return layers(), other
+
+
+def weights(ctx: Context) -> tuple[Iterator[Layer], int]:
+    """The layers the settings ask for: the checkpoint's (or the preset's, generated) or a synthetic law."""
+    source = ctx.case.settings.weight_source
+    if source == "model" and ctx.source.checkpoint is not None:
+        return checkpoint_layers(ctx)
+    if source == "model" and ctx.source.preset is None:
+        raise ValueError("weight_source 'model' needs a checkpoint or a preset")
+    return generated_layers(ctx, source)  # "model" without a checkpoint: the preset's shapes, N(0, 0.02)
+
+
+# --- the stage ------------------------------------------------------------------------------------------
+
+def run(ctx: Context) -> StageOutput:
+    """Quantize every linear layer with the case's method; error, storage and timing per layer and pooled."""
+    s = ctx.case.settings
+    method = methods.get(s.method)
+    cdtype = methods.torch_dtype(s.compute_dtype)
+    storage_dtype = torch.uint8 if s.quant_storage == "uint8" else methods.torch_dtype(s.quant_storage)
+    device = torch.device(ctx.device)
+    layers, unquantized = weights(ctx)
+
+    def roundtrip(w: torch.Tensor):
+        if not method.is_4bit:  # 16-bit base: bf16 rounding is all the error there is
+            return w.to(torch.bfloat16), Storage(w.numel(), w.numel() * BF16_BITS // 8), 0.0, 0.0
+        return quantize(w, method.quant_type, method.double_quant, s.blocksize, cdtype, storage_dtype)
+
+    if method.is_4bit:  # first calls load kernels; keep them out of the timings
+        roundtrip(torch.linspace(-1, 1, WARMUP_NUMEL, device=device).view(-1, 64))
+
+    total, int4, floor = ErrorStats(), ErrorStats(), ErrorStats()
+    by_type: dict[str, ErrorStats] = {}
+    stored, int4_stored = Storage(), Storage()
+    quantize_s = dequantize_s = 0.0
+    rows = []
+    for i, kind, name, w in layers:
+        w_hat, st, tq, tdq = roundtrip(w)
+        err = ErrorStats.of(w, w_hat)
+        del w_hat
+        ref = ErrorStats.of(w, int4_absmax(w.to(cdtype), s.blocksize).to(cdtype))
+        flo = ErrorStats.of(w, w.to(torch.bfloat16))
+        total += err
+        int4 += ref
+        floor += flo
+        by_type.setdefault(kind, ErrorStats())
+        by_type[kind] += err
+        stored += st
+        int4_stored += int4_storage(w.numel(), s.blocksize)
+        quantize_s += tq
+        dequantize_s += tdq
+        rows.append({
+            "layer": i, "type": kind, "name": name, "shape": "x".join(map(str, w.shape)), "n_params": w.numel(),
+            **err.metrics(), "bits_per_param": st.bits_per_param,
+            "packed_bytes": st.packed_bytes, "absmax_bytes": st.absmax_bytes, "nested_bytes": st.nested_bytes,
+            "int4_ref_rmse": ref.metrics()["rmse"], "bf16_floor_rmse": flo.metrics()["rmse"],
+            "quantize_s": tq, "dequantize_s": tdq,
+        })
+    if not rows:
+        raise ValueError(f"no quantizable linear layers found in {ctx.source.checkpoint}")
+
+    m: dict[str, float] = {f"quant.{k}": v for k, v in total.metrics().items()}
+    for kind in PROJECTIONS:
+        if kind in by_type:
+            m.update({f"quant.{kind}.{k}": v for k, v in by_type[kind].metrics().items()})
+    m.update({f"quant.int4_ref.{k}": v for k, v in int4.metrics().items()})
+    m.update({f"quant.bf16_floor.{k}": v for k, v in floor.metrics().items()})
+    if m["quant.rmse"] > 0:  # 0 for lora-bf16 on a checkpoint already stored in bf16
+        m["quant.int4_over_method_rmse_ratio"] = m["quant.int4_ref.rmse"] / m["quant.rmse"]
+    m["quant.int4_ref.bits_per_param"] = int4_stored.bits_per_param
+    m["quant.bits_per_param"] = stored.bits_per_param
+    m["quant.serialized.bits_per_param"] = 8 * stored.total_bytes / stored.n  # per-tensor constants included
+    for f in ("packed_bytes", "absmax_bytes", "nested_absmax_bytes", "nested_bytes", "code_bytes"):
+        m[f"quant.{f}"] = getattr(stored, f)
+    m["quant.linear_params"] = stored.n
+    m["quant.unquantized_params"] = unquantized
+    m["quant.linear_bytes"] = stored.total_bytes
+    m["quant.model_bytes"] = stored.total_bytes + unquantized * BF16_BITS // 8
+    m["quant.model_16bit_bytes"] = (stored.n + unquantized) * BF16_BITS // 8
+    if method.is_4bit:  # a 16-bit base has nothing to quantize
+        m["quant.quantize_s"], m["quant.dequantize_s"] = quantize_s, dequantize_s
+    settings = {"method": method.name, "quant_type": method.quant_type or "bf16", "double_quant": method.double_quant,
+                "blocksize": s.blocksize, "compute_dtype": s.compute_dtype if method.is_4bit else "bf16",
+                "quant_storage": s.quant_storage, "weight_source": s.weight_source, "device": str(device),
+                "layers": len(rows), "int4_ref": f"symmetric absmax, round(x*{INT4_LEVELS}/absmax) in "
+                f"[-{INT4_LEVELS}, {INT4_LEVELS}], blocksize {s.blocksize}, fp32 absmax"}
+    return StageOutput(metrics=m, tables={"quant.layers": rows, "quant.settings": [settings]})
