@@ -1,0 +1,163 @@
+"""The memory model against figures worked by hand for the Llama-2-7B shape, and its sanity orderings."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.estimate import GIB, bits_per_param_4bit, estimate, fits
+from harness.presets import PRESETS, param_count
+from harness.spec import Settings
+
+L7 = PRESETS["llama-2-7b"]  # h 4096, i 11008, 32 layers, 32 heads (MHA), vocab 32000
+
+# Llama-2-7B by hand, per layer: q, k, v, o = 4 * 4096 * 4096 = 67,108,864; gate, up, down =
+# 3 * 4096 * 11008 = 135,266,304; sum 202,375,168; x 32 layers = 6,476,005,376 linear weights.
+# Not quantized: embed + lm_head = 2 * 32000 * 4096 = 262,144,000; norms (2 * 32 + 1) * 4096 = 266,240.
+LINEAR_7B = 6_476_005_376
+REST_7B = 262_144_000 + 266_240
+# LoRA r=16 on all 7 projections, r * (in + out) each: q, k, v, o 4 * 16 * 8192 = 524,288;
+# gate, up, down 3 * 16 * (4096 + 11008) = 724,992; per layer 1,249,280; x 32 = 39,976,960.
+LORA_7B = 39_976_960
+
+
+def settings(**kw) -> Settings:
+    return Settings(**{"seq_len": 512, "batch_size": 4, **kw})
+
+
+def test_bits_per_param_follow_the_qlora_paper_exactly():
+    assert bits_per_param_4bit(64, True) == 4 + 8 / 64 + 32 / (64 * 256)  # 4.126953125
+    assert bits_per_param_4bit(64, False) == 4.5  # 4 + 32 / 64
+    assert bits_per_param_4bit(64, False) - bits_per_param_4bit(64, True) == pytest.approx(0.373, abs=1e-3)
+    assert bits_per_param_4bit(128, False) == 4.25
+    assert bits_per_param_4bit(64, True, nested_blocksize=128) == 4 + 8 / 64 + 32 / (64 * 128)
+
+
+def test_param_count_of_llama_2_7b_is_the_published_6_74b():
+    assert param_count(L7)["linear"] == LINEAR_7B
+    assert param_count(L7)["total"] == 6_738_415_616 == LINEAR_7B + REST_7B
+
+
+def test_weights_of_llama_2_7b_by_hand():
+    # nf4 + DQ: 6,476,005,376 / 8 = 809,500,672 bytes per bit/param; x 4.126953125 = 3,340,771,328 B;
+    # the rest in fp32 (prepare_model_for_kbit_training): 262,410,240 * 4 = 1,049,640,960 B.
+    dq = estimate(L7, settings(method="qlora-nf4-dq"))
+    assert dq.bits_per_param == 4.126953125
+    assert dq.weights_gib == pytest.approx((3_340_771_328 + 1_049_640_960) / GIB, rel=1e-12)  # 4.089 GiB
+    # nf4 alone: 809,500,672 * 4.5 = 3,642,753,024 B + the same fp32 rest.
+    no_dq = estimate(L7, settings(method="qlora-nf4"))
+    assert no_dq.weights_gib == pytest.approx((3_642_753_024 + 1_049_640_960) / GIB, rel=1e-12)  # 4.370 GiB
+    # lora-bf16: every one of the 6,738,415,616 parameters in 2 bytes = 13,476,831,232 B.
+    bf16 = estimate(L7, settings(method="lora-bf16"))
+    assert bf16.bits_per_param == 16.0
+    assert bf16.weights_gib == pytest.approx(13_476_831_232 / GIB, rel=1e-12)  # 12.551 GiB
+    # fp4 stores exactly what nf4 stores
+    assert estimate(L7, settings(method="qlora-fp4-dq")).weights_gib == dq.weights_gib
+
+
+def test_lora_gradients_and_adamw_of_llama_2_7b_by_hand():
+    est = estimate(L7, settings(method="qlora-nf4", optimizer="adamw_torch"))
+    assert est.trainable_params == LORA_7B
+    assert est.lora_gib == pytest.approx(LORA_7B * 4 / GIB)  # fp32 adapters: 159,907,840 B
+    assert est.gradients_gib == pytest.approx(LORA_7B * 4 / GIB)  # fp32 gradients, frozen base has none
+    assert est.optimizer_gib == pytest.approx(LORA_7B * 8 / GIB)  # fp32 m and v: 319,815,680 B
+    assert est.optimizer_paged_gib == 0
+
+
+def test_paged_optimizers_by_hand():
+    # Per layer, tensors of 65,536 elements (16 x 4096 or 4096 x 16): 8 for q,k,v,o + gate A, up A, down B
+    # = 11; of 176,128 elements (11008 x 16 or 16 x 11008): gate B, up B, down A = 3.
+    # 8-bit: 2 bytes/param + two fp32 absmax per 256: 65,536 -> 131,072 + 8 * 256 = 133,120 B;
+    # 176,128 -> 352,256 + 8 * 688 = 357,760 B; per layer 11 * 133,120 + 3 * 357,760 = 2,537,600 B; x 32.
+    eight = estimate(L7, settings(optimizer="paged_adamw_8bit"))
+    assert eight.optimizer_gib == pytest.approx(32 * 2_537_600 / GIB, rel=1e-12)  # 81,203,200 B
+    # 32-bit paged: bitsandbytes pages only tensors of >= 1e5 elements: 96 x 176,128 x 8 B = 135,266,304 B.
+    paged = estimate(L7, settings(optimizer="paged_adamw_32bit"))
+    assert paged.optimizer_gib == pytest.approx(LORA_7B * 8 / GIB)
+    assert paged.optimizer_paged_gib == pytest.approx(135_266_304 / GIB, rel=1e-12)
+    assert paged.allocator_gib == pytest.approx(paged.total_gib - 0.5 - 135_266_304 / GIB)
+    # on the CPU nothing is paged and there is no CUDA context
+    cpu = estimate(L7, settings(optimizer="paged_adamw_32bit"), device="cpu")
+    assert cpu.optimizer_paged_gib == 0 and cpu.context_gib == 0
+
+
+def test_activations_of_llama_2_7b_by_hand():
+    # qlora-nf4, bf16 autocast, sdpa, lora_dropout 0.05 on CUDA, seq 512 x batch 4 = 2048 tokens.
+    # Bytes per token of one layer (h 4096, i 11008, kv 4096, 32 heads, r 16):
+    #   norms     2 * (4 * 4096 + 4)                     =  32,776
+    #   LoRA      2 * (6 * 4096 + 11008) + 1 * 35,584 + 7 * 2 * 16 = 106,976  (inputs, bool masks, B inputs)
+    #   sdpa      2 * (2 * 4096 + 2 * 4096) + 4 * 32     =  32,896
+    #   SwiGLU    3 * 4 * 11008 (fp32 out of Linear4bit) = 132,096   -> layer = 304,744
+    # loss buffers 12 * 32000 + final norm (4 * 4096 + 4) = 400,388; one layer's backward 3 * 2 * 11008.
+    no_gc = estimate(L7, settings(method="qlora-nf4"))
+    assert no_gc.activations_gib == pytest.approx((32 * 304_744 + 400_388) * 2048 / GIB, rel=1e-12)  # 19.36
+    # checkpointing keeps each layer's fp32 input (4 * 4096) and recomputes one layer at a time:
+    # 32 * 16,384 + max(400,388, 304,744 + 66,048) = 924,676 per token.
+    gc = estimate(L7, settings(method="qlora-nf4", gradient_checkpointing=True))
+    assert gc.activations_gib == pytest.approx(924_676 * 2048 / GIB, rel=1e-12)  # 1.764 GiB
+    # with a 1000-token vocabulary the recomputed layer and its backward dominate the loss buffers:
+    # 32 * 16,384 + 304,744 + 66,048 = 895,080 per token
+    small = estimate(L7, settings(method="qlora-nf4", gradient_checkpointing=True), vocab_size=1000)
+    assert small.activations_gib == pytest.approx(895_080 * 2048 / GIB, rel=1e-12)
+    # no dropout: no bool masks, 35,584 bytes per token per layer less
+    nodrop = estimate(L7, settings(method="qlora-nf4", lora_dropout=0.0))
+    assert no_gc.activations_gib - nodrop.activations_gib == pytest.approx(32 * 35_584 * 2048 / GIB)
+
+
+def test_vocab_override_grows_logits_and_embeddings():
+    base = estimate(L7, settings())
+    big = estimate(L7, settings(), vocab_size=128_256)
+    extra = 128_256 - 32_000
+    assert big.activations_gib - base.activations_gib == pytest.approx(12 * extra * 2048 / GIB)
+    assert big.weights_gib - base.weights_gib == pytest.approx(2 * extra * 4096 * 4 / GIB)  # fp32 embed+head
+
+
+def test_overrides_for_layers_bits_and_targets():
+    two = estimate(L7, settings(), num_layers=2)
+    assert two.trainable_params == 2 * 1_249_280
+    measured = estimate(L7, settings(method="qlora-nf4-dq"), bits_per_param=4.2)
+    assert measured.bits_per_param == 4.2
+    assert measured.weights_gib == pytest.approx((LINEAR_7B * 4.2 / 8 + REST_7B * 4) / GIB)
+    qv = estimate(L7, settings(target_modules="q,v"))
+    assert qv.trainable_params == 32 * 2 * 16 * (4096 + 4096)  # 8,388,608
+
+
+def test_sanity_orderings():
+    s = settings(method="qlora-nf4")
+    assert estimate(L7, settings(method="qlora-nf4-dq")).weights_gib < estimate(L7, s).weights_gib
+    assert estimate(L7, settings(method="lora-bf16")).weights_gib > 2.5 * estimate(L7, s).weights_gib
+    assert (estimate(L7, settings(optimizer="paged_adamw_8bit")).optimizer_gib
+            < 0.3 * estimate(L7, settings(optimizer="paged_adamw_32bit")).optimizer_gib)
+    assert (estimate(L7, settings(gradient_checkpointing=True)).activations_gib
+            < 0.2 * estimate(L7, s).activations_gib)
+    long = settings(seq_len=2048, batch_size=1)
+    assert estimate(L7, long, attn_impl="eager").activations_gib > estimate(L7, long).activations_gib
+    assert estimate(L7, settings(batch_size=8)).activations_gib == pytest.approx(
+        2 * estimate(L7, settings(batch_size=4)).activations_gib)
+    with pytest.raises(ValueError, match="attn_impl"):
+        estimate(L7, s, attn_impl="flash")
+
+
+def test_tiny_llama_is_small_and_cuda_adds_the_context():
+    tiny = PRESETS["tiny-llama"]
+    cpu = estimate(tiny, settings(seq_len=128), device="cpu")
+    assert cpu.context_gib == 0
+    assert cpu.total_gib < 0.25
+    s = settings(seq_len=128, lora_dropout=0.0)  # dropout masks differ: 1-byte bool on CUDA, 4-byte on CPU
+    assert estimate(tiny, s).total_gib == pytest.approx(estimate(tiny, s, device="cpu").total_gib + 0.5)
+    assert estimate(tiny, settings(seq_len=128)).activations_gib < cpu.activations_gib
+
+
+def test_breakdown_metrics_and_fits():
+    est = estimate(L7, settings(method="qlora-nf4-dq", gradient_checkpointing=True))
+    parts = est.breakdown()
+    assert parts["total_gib"] == pytest.approx(sum(v for k, v in parts.items() if k != "total_gib"))
+    metrics = est.as_metrics()
+    assert metrics["estimate.total_gib"] == est.total_gib
+    assert metrics["estimate.bits_per_param"] == 4.126953125
+    assert all(k.startswith("estimate.") for k in metrics)
+    assert set(est.as_metrics(prefix="x.")) == {k.replace("estimate.", "x.") for k in metrics}
+    assert fits(est, 24.0) == (True, "")
+    ok, reason = fits(estimate(L7, settings(method="lora-bf16")), 24.0)
+    assert not ok
+    assert reason.startswith("estimated peak 2") and "24 GiB budget" in reason
+    assert reason.index("activations") < reason.index("weights")  # largest term first
