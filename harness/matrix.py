@@ -68,6 +68,8 @@ def expand(suite: Suite, path: Path | str) -> list[Case]:
     model = suite.model
     if model.source == "local":
         model = model.model_copy(update={"path": str((base / model.path).resolve())})
+    if model.pretrain is not None:
+        model = model.model_copy(update={"pretrain": str((base / model.pretrain).resolve())})
     axes_names = list(suite.matrix)
     cases: list[Case] = []
     seen: dict[str, int] = {}

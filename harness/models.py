@@ -73,6 +73,35 @@ def train_tokenizer(corpus: list[str], vocab_size: int, out: Path):
     return fast
 
 
+def pretrain(model, tokenizer, path: str, steps: int, seed: int, batch_size: int = 16, max_length: int = 64,
+             lr: float = 2e-3) -> list[float]:
+    """A short full-parameter pretraining of a small synthetic model on the given JSONL's ``text`` rows."""
+    import random
+
+    import torch
+    from rich.progress import Progress
+
+    texts = [json.loads(line)["text"] + tokenizer.eos_token for line in open(path) if line.strip()]
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"pretraining the synthetic base on {Path(path).name}", total=steps)
+        for _ in range(steps):
+            enc = tokenizer(rng.sample(texts, min(batch_size, len(texts))), return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_length)
+            labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+            loss = model(**enc, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            progress.advance(task)
+    model.eval()
+    return losses
+
+
 def _fingerprint(folder: Path) -> str:
     """A cheap content hash of a checkpoint: file names, sizes and each file's first MiB."""
     h = hashlib.sha256()
@@ -91,7 +120,9 @@ def _synthetic(case: Case) -> Source:
     spec = case.model
     preset = presets.PRESETS[spec.preset]
     corpus = ([case.data.train] + list(case.data.tokenizer_corpus)) if case.data else []
-    key = _digest(corpus, f"{preset}-{spec.num_layers}-{case.settings.seed}-v1")
+    if spec.pretrain:
+        corpus.append(spec.pretrain)
+    key = _digest(corpus, f"{preset}-{spec.num_layers}-{spec.pretrain_steps}-{case.settings.seed}-v1")
     folder = cache_dir() / "synthetic" / f"{preset.name}-{key}"
     counts = presets.param_count(preset, num_layers=spec.num_layers)
     materialize = counts["total"] <= MAX_MATERIALIZED_PARAMS
@@ -107,6 +138,9 @@ def _synthetic(case: Case) -> Source:
                 torch.manual_seed(case.settings.seed)
                 config = preset.hf_config(num_layers=spec.num_layers)
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                if spec.pretrain:
+                    tokenizer = load_tokenizer(Source(None, tok_dir, preset))
+                    pretrain(model, tokenizer, spec.pretrain, spec.pretrain_steps, case.settings.seed)
                 # fp32 on disk: the 16-bit base is then a rounding of it, and the quant stage has a true floor
                 model.save_pretrained(folder / "checkpoint")
             (folder / "done").write_text("ok\n")

@@ -118,6 +118,10 @@ class ModelSpec(Strict):
     hub_id: str | None = None  # hub: a model id, used when cached or reachable
     revision: str | None = None
     num_layers: int | None = Field(None, ge=1)  # synthetic: keep only the first N layers (shape studies)
+    # synthetic: full-parameter pretraining on this JSONL (relative to the suite) before any case, so the base
+    # knows the domain's language but not the facts the adapters learn (random weights learn nothing useful)
+    pretrain: str | None = None
+    pretrain_steps: int = Field(200, ge=1)
 
     @model_validator(mode="after")
     def _source(self) -> ModelSpec:
@@ -338,6 +342,8 @@ def _check_semantics(path: Path, suite: Suite) -> None:
             if key not in known:
                 raise SpecError(path, f"expectations[{i}]", f"selects on unknown setting {key!r}")
     base = path.parent
+    if suite.model.pretrain is not None and not (base / suite.model.pretrain).is_file():
+        raise SpecError(path, "model.pretrain", f"data file not found: {base / suite.model.pretrain}")
     if suite.model.source == "local" and not (base / suite.model.path).is_dir():
         raise SpecError(path, "model.path", f"checkpoint folder not found: {base / suite.model.path}")
     if suite.data is not None:

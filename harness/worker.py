@@ -26,7 +26,8 @@ def is_oom(exc: BaseException) -> bool:
     text = str(exc)
     return name == "OutOfMemoryError" or any(
         s in text for s in ("out of memory", "can't allocate memory", "CUDA error: out of memory",
-                            "DefaultCPUAllocator", "std::bad_alloc", "Cannot allocate memory")
+                            "DefaultCPUAllocator", "std::bad_alloc", "Cannot allocate memory",
+                            "failed to map segment")
     )
 
 
@@ -63,7 +64,12 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
             record.metrics["env.cuda_context_gib"] = (
                 (torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) / memory.GIB
             )
+        stage_modules = [importlib.import_module(STAGE_MODULES[s]) for s in case.stages]
         if case.settings.memory_limit_gib:
+            import bitsandbytes  # noqa: F401 - load the libraries before the cap, so the cap meets the model
+            import peft  # noqa: F401
+            import transformers  # noqa: F401
+
             _limit_memory(case.settings.memory_limit_gib)
         t = time.perf_counter()
         source = models.prepare(case)
@@ -72,10 +78,10 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
         ctx = Context(case=case, source=source, device=device, run_dir=run_dir, work_dir=work_dir,
                       shared={"sampler": sampler})
         _estimate(ctx, record)
-        for stage in case.stages:
+        for stage, module in zip(case.stages, stage_modules):
             print(f"[{case.case_id}] {stage} ...", flush=True)
             t = time.perf_counter()
-            out: StageOutput = importlib.import_module(STAGE_MODULES[stage]).run(ctx)
+            out: StageOutput = module.run(ctx)
             record.timings_s[stage] = time.perf_counter() - t
             record.metrics.update(out.metrics)
             record.tables.update(out.tables)

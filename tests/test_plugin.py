@@ -1,0 +1,108 @@
+"""End to end through pytest: a small suite runs, writes one record per case and a report; bad suites fail."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+ROOT = Path(__file__).resolve().parents[1]
+
+QUANT_SUITE = """\
+name: q
+tiers: [cpu]
+model: {source: synthetic, preset: tiny-llama, num_layers: 1}
+stages: [quant]
+matrix:
+  method: [qlora-nf4, qlora-fp4]
+expectations:
+  - {metric: quant.bits_per_param, max: 4.5}
+  - {ratio: quant.rmse, numerator: {method: qlora-fp4}, denominator: {method: qlora-nf4}, min: 1.1}
+timeout_s: 300
+"""
+
+
+@pytest.fixture
+def project(pytester, tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("QLORA_HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    (pytester.path / "suites").mkdir()
+    return pytester
+
+
+def test_suite_runs_end_to_end(project):
+    (project.path / "suites" / "q.yaml").write_text(QUANT_SUITE)
+    result = project.runpytest_subprocess("suites/", "-v", "--run-id", "e2e")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*q.yaml::q[[]qlora-nf4[]] PASSED*", "*qlora-harness*"])
+    run = project.path / "results" / "e2e"
+    records = sorted(p.name for p in run.glob("*.json"))
+    assert records == ["q__qlora-fp4.json", "q__qlora-nf4.json", "run.json"]
+    rec = json.loads((run / "q__qlora-nf4.json").read_text())
+    assert rec["status"] == "passed" and rec["schema_version"] == 1
+    assert rec["params"]["method"] == "qlora-nf4" and rec["params"]["blocksize"] == 64
+    assert rec["metrics"]["quant.bits_per_param"] == pytest.approx(4.5)
+    assert rec["env"]["versions"]["bitsandbytes"] and "git" in rec["env"]
+    html = (project.path / "reports" / "e2e.html").read_text()
+    assert "q[qlora-nf4]" in html and "q[qlora-fp4]" in html
+    assert (project.path / "reports" / "index.html").exists()
+    # a second session with the same run id never overwrites a record
+    again = project.runpytest_subprocess("suites/", "--run-id", "e2e", "-k", "nf4")
+    assert again.ret != 0
+    assert json.loads((run / "q__qlora-nf4.json").read_text())["started_at"] == rec["started_at"]
+
+
+def test_failed_expectation_fails_the_case(project):
+    (project.path / "suites" / "q.yaml").write_text(
+        QUANT_SUITE.replace("max: 4.5}", "max: 4.2}").replace("method: [qlora-nf4, qlora-fp4]", "method: [qlora-nf4]"))
+    result = project.runpytest_subprocess("suites/", "--run-id", "bad", "--no-report")
+    result.assert_outcomes(failed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*quant.bits_per_param = 4.5 (expected <= 4.2)*"])
+    rec = json.loads((project.path / "results" / "bad" / "q__qlora-nf4.json").read_text())
+    assert rec["status"] == "failed" and "expected <= 4.2" in rec["message"]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (QUANT_SUITE.replace("[qlora-nf4, qlora-fp4]", "[qlora-nf4, nf5]"),
+         "suites/x.yaml: matrix.method[[]1[]]: unknown method 'nf5' (expected one of lora-bf16, *"),
+        (QUANT_SUITE.replace("tiers: [cpu]", "tiers: [cpu"), "suites/x.yaml: line *: YAML syntax error: *"),
+        (QUANT_SUITE + "colour: red\n", "suites/x.yaml: colour: unknown key"),
+    ],
+    ids=["unknown-method", "yaml-syntax", "unknown-key"],
+)
+def test_bad_suite_is_one_line_at_collection(project, text, expected):
+    (project.path / "suites" / "x.yaml").write_text(text)
+    result = project.runpytest_subprocess("suites/", "--collect-only", "-q")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines([expected])
+    assert "Traceback" not in result.stdout.str() and "harness/spec.py" not in result.stdout.str()
+
+
+def test_duplicate_ids_across_files(project):
+    (project.path / "suites" / "a.yaml").write_text(QUANT_SUITE)
+    (project.path / "suites" / "b.yaml").write_text(QUANT_SUITE)
+    result = project.runpytest_subprocess("suites/", "--collect-only", "-q")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*suites/b.yaml: name: duplicate case id q[[]qlora-nf4[]] (also in suites/a.yaml)*"])
+
+
+def test_shipped_suites_collect_with_readable_ids():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pytest", "suites/", "--collect-only", "-q", "--no-report"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert "suites/smoke.yaml::smoke[qlora-nf4-dq]" in out.stdout
+    assert "suites/fidelity.yaml::fidelity[qlora-fp4-student_t]" in out.stdout
+
+
+def test_tasks_and_data_are_not_suites():
+    from harness.plugin import is_suite_file
+
+    assert is_suite_file(ROOT / "suites" / "smoke.yaml")
+    assert not is_suite_file(ROOT / "suites" / "tasks" / "support_mc.yaml")
+    assert not is_suite_file(ROOT / "tests" / "x.yaml")
