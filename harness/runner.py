@@ -38,7 +38,11 @@ def resolve_tier(requested: str) -> tuple[str, float | None, str]:
     else:
         raise ValueError(f"--tier: unknown tier {requested!r} (expected auto or one of {', '.join(TIERS)})")
     budget = TIERS[tier]
-    if budget is not None and gpu_mem is not None:
+    if budget is None:  # the cpu tier's memory is the host's
+        import psutil
+
+        budget = psutil.virtual_memory().total / 2**30
+    elif gpu_mem is not None:
         budget = min(budget, gpu_mem)
     return tier, budget, why
 
@@ -93,7 +97,7 @@ class Run:
             from harness import estimate
         except ImportError:
             return None, {}
-        device = "cpu" if self.budget_gib is None else "cuda"
+        device = "cpu" if self.tier == "cpu" else "cuda"
         est = estimate.estimate(presets.PRESETS[case.model.preset], case.settings,
                                 num_layers=case.model.num_layers, device=device)
         if self.budget_gib is None:
