@@ -231,5 +231,5 @@ def pytest_sessionfinish(session, exitstatus):
 
     reports = Path(config.getoption("reports_dir")).resolve()
     baseline = config.getoption("baseline")
-    config._harness_report = render_run(run.dir, reports, baseline=Path(baseline) if baseline and Path(baseline).exists() else None)
+    config._harness_report = render_run(run.dir, reports, baseline=baseline)
     render_index(run.results_dir, reports)

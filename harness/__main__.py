@@ -1,0 +1,181 @@
+"""``python -m harness report|compare|list``: reports, baseline comparison and the suites' cases."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXCLUDED = ("tasks", "data")  # folders under suites/ that hold lm-eval tasks and data, not suites
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m harness", description="Reports, baseline comparisons and the suites' cases."
+    )
+    results = argparse.ArgumentParser(add_help=False)
+    results.add_argument("--results", type=Path, default=Path("results"), help="runs folder (default: results)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser(
+        "report", parents=[results],
+        help="render HTML reports: none = latest run + index, one = its page, several = side by side",
+    )
+    r.add_argument("--reports", type=Path, default=Path("reports"), help="reports folder (default: reports)")
+    r.add_argument("runs", nargs="*", metavar="RUN", help="run ids under --results, run folders, or 'latest'")
+    r.add_argument("--baseline", metavar="REF", help="show deltas against this run, run folder or tier baseline")
+
+    c = sub.add_parser("compare", parents=[results], help="compare a run with a baseline; exit 1 on a regression")
+    c.add_argument("new", metavar="NEW", help="run id, run folder or 'latest'")
+    c.add_argument("base", metavar="BASE", help="run id, run folder, or a tier under results/baselines/")
+    c.add_argument("--tolerance", action="append", default=[], metavar="PATTERN=REL",
+                   help="relative tolerance for metrics matching a pattern, e.g. 'train.*_gib=0.05' (repeatable)")
+    c.add_argument("--all", action="store_true", help="also print metrics within tolerance")
+    c.add_argument("--suites", type=Path, default=Path("suites"),
+                   help="suites folder whose 'tolerances:' apply (default: suites; skipped when absent)")
+
+    ls = sub.add_parser("list", help="list the suites and their case ids")
+    ls.add_argument("--suites", type=Path, default=Path("suites"), help="suites folder (default: suites)")
+    return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Render the latest run and the index, one run's page, or several runs side by side."""
+    from harness.records import resolve_run
+    from harness.report import render_index, render_many, render_run
+    from harness.report.data import load_run
+    from harness.report.render import many_name
+
+    baseline = _baseline_dir(args.baseline, args.results) if args.baseline else None
+    if len(args.runs) > 1:
+        dirs = [resolve_run(r, args.results) for r in args.runs]
+        out = args.reports / many_name([load_run(d).run_id for d in dirs])
+        print(render_many(dirs, out))
+        return 0
+    run_dir = resolve_run(args.runs[0] if args.runs else "latest", args.results)
+    print(render_run(run_dir, args.reports, baseline=baseline))
+    if not args.runs:
+        print(render_index(args.results, args.reports))
+    return 0
+
+
+def _baseline_dir(ref: str, results: Path) -> Path:
+    """The folder a baseline reference names (a run, a run folder, or results/baselines/<tier>)."""
+    from harness.compare import BASELINES
+    from harness.records import resolve_run
+
+    tier = results / BASELINES / ref
+    return tier if not Path(ref).is_dir() and tier.is_dir() else resolve_run(ref, results)
+
+
+def _tolerances(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        pattern, sep, value = item.partition("=")
+        try:
+            out[pattern.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not pattern.strip():
+            raise UserError(f"--tolerance {item!r}: expected PATTERN=REL, e.g. 'train.*_gib=0.05'")
+    return out
+
+
+def suite_tolerances(root: Path) -> dict[str, dict[str, float]]:
+    """Each suite's ``tolerances:`` by suite name; an invalid suite file is reported and left out."""
+    from harness.spec import SpecError, load_suite
+
+    out = {}
+    for path in suite_files(root) if root.is_dir() else []:
+        try:
+            suite = load_suite(path)
+        except SpecError as exc:
+            print(f"warning: {exc} (its tolerances are not applied)", file=sys.stderr)
+            continue
+        out[suite.name] = dict(suite.tolerances)
+    return out
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Print each case's changes against the baseline; 1 when anything regressed."""
+    from harness.compare import compare_runs, load_baseline, load_records
+    from harness.records import resolve_run
+
+    new = load_records(resolve_run(args.new, args.results))
+    base = load_baseline(args.base, args.results)
+    changes, missing = compare_runs(new, base, _tolerances(args.tolerance), suite_tolerances(args.suites))
+    case = None
+    for ch in changes:
+        if not (args.all or ch.regressed or ch.improved):
+            continue
+        if ch.case_id != case:
+            case = ch.case_id
+            print(case)
+        mark = "REGRESSED" if ch.regressed else "improved " if ch.improved else "ok       "
+        print(f"  {mark} {ch.message}")
+    bad = sum(c.regressed for c in changes)
+    good = sum(c.improved for c in changes)
+    cases = len({c.case_id for c in changes})
+    line = f"{bad} regressed, {good} improved, {len(changes) - bad - good} within tolerance ({cases} cases compared"
+    print(line + (f"; {len(missing)} without a baseline)" if missing else ")"))
+    return 1 if bad else 0
+
+
+def suite_files(root: Path) -> list[Path]:
+    """Every suite file under ``root``, leaving out its tasks/ and data/ folders."""
+    if not root.is_dir():
+        raise UserError(f"{root}: no such suites folder")
+    files = sorted({*root.rglob("*.yaml"), *root.rglob("*.yml")})
+    return [p for p in files if p.relative_to(root).parts[0] not in EXCLUDED]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print each suite (name, tiers, file) and its case ids; 2 when a suite file is invalid."""
+    from harness.matrix import expand
+    from harness.spec import SpecError, load_suite
+
+    failed = 0
+    for path in suite_files(args.suites):
+        try:
+            suite = load_suite(path)
+            cases = expand(suite, path)
+        except SpecError as exc:
+            print(str(exc), file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{suite.name}  ({path}; tiers: {', '.join(suite.tiers)}; {len(cases)} cases)")
+        if suite.description:
+            print(f"  {suite.description.strip().splitlines()[0]}")
+        for case in cases:
+            print(f"    {case.case_id}")
+    return 2 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m harness`` and ``qlora-harness``; returns the exit status."""
+    from harness.compare import RecordError
+
+    args = _parser().parse_args(argv)
+    command = {"report": cmd_report, "compare": cmd_compare, "list": cmd_list}[args.command]
+    try:
+        return command(args)
+    except (UserError, RecordError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. a reports folder that cannot be written
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}".replace("error: : ", "error: "), file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError) and exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror.lower()}"
+    return " ".join(str(exc).split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

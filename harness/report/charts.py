@@ -1,0 +1,309 @@
+"""Plotly figures of a suite's records; each is drawn only when the metrics it needs exist."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.subplots import make_subplots
+
+from harness.records import Record
+from harness.report.data import case_label
+
+ESTIMATE_PARTS = (  # predicted peak memory, stacked bottom to top
+    ("estimate.weights_gib", "weights", "#9ecae1"),
+    ("estimate.lora_gib", "LoRA adapter", "#6baed6"),
+    ("estimate.gradients_gib", "gradients", "#4292c6"),
+    ("estimate.optimizer_gib", "optimizer state", "#2171b5"),
+    ("estimate.activations_gib", "activations", "#08519c"),
+    ("estimate.workspace_gib", "workspace (transients)", "#0b3d7a"),
+    ("estimate.context_gib", "CUDA context", "#08306b"),
+)
+MEASURED_PEAKS = (
+    ("train.peak_allocated_gib", "measured: allocated", "#fdae6b"),
+    ("train.peak_reserved_gib", "measured: reserved", "#e6550d"),
+    ("train.nvml_peak_gib", "measured: NVML", "#a63603"),
+    ("train.peak_rss_gib", "measured: process RSS", "#756bb1"),
+)
+PARETO_X = ("train.peak_reserved_gib", "train.nvml_peak_gib", "train.peak_allocated_gib", "train.peak_rss_gib")
+METHOD_COLOURS = {
+    "lora-bf16": "#4c72b0",
+    "qlora-nf4": "#55a868",
+    "qlora-nf4-dq": "#1b7837",
+    "qlora-fp4": "#dd8452",
+    "qlora-fp4-dq": "#b3501b",
+}
+OTHER_COLOURS = ("#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash")
+PAPER_BITS = ((4.127, "QLoRA paper: 4-bit + DQ, 4.127"), (4.5, "4-bit without DQ, 4.5"))
+HEIGHT = 360  # px of every figure; the chart's title is HTML above it
+LAYOUT = dict(
+    template="plotly_white",
+    height=HEIGHT,
+    margin=dict(l=60, r=20, t=30, b=40),
+    font=dict(family="system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", size=12),
+    legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0),
+    hoverlabel=dict(namelength=-1),
+)
+CONFIG = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
+
+
+@dataclass
+class Chart:
+    """A named figure; ``name`` goes into the div's ``data-chart`` attribute."""
+
+    name: str
+    title: str
+    fig: go.Figure
+    wide: bool = False
+
+    def html(self, div_id: str) -> str:
+        """The figure as a div and its script, without plotly.js (the page embeds it once)."""
+        return pio.to_html(
+            self.fig, full_html=False, include_plotlyjs=False, div_id=div_id, config=CONFIG,
+            default_height=f"{self.fig.layout.height or HEIGHT}px",
+        )
+
+
+MAX_LINES = 8  # line charts show this many cases at first; the rest are a legend click away
+SIDE_LEGEND = dict(orientation="v", x=1.02, y=1, yanchor="top")
+
+
+def _many_lines(fig: go.Figure) -> None:
+    """With many lines: legend on the right, and MAX_LINES drawn (each method's first case first) until clicked."""
+    if len(fig.data) <= MAX_LINES:
+        return
+    fig.update_layout(legend=SIDE_LEGEND)
+    methods: dict[str, int] = {}
+    for i, trace in enumerate(fig.data):
+        methods.setdefault(trace.meta, i)  # the first line of each method
+    firsts = list(methods.values())
+    shown = set((firsts + [i for i in range(len(fig.data)) if i not in firsts])[:MAX_LINES])
+    for i, trace in enumerate(fig.data):
+        if i not in shown:
+            trace.visible = "legendonly"
+
+
+def colour(method: str, i: int = 0) -> str:
+    return METHOD_COLOURS.get(method, OTHER_COLOURS[i % len(OTHER_COLOURS)])
+
+
+def _value(rec: Record, name: str) -> float | None:
+    v = rec.metrics.get(name)
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _with(records: list[Record], *names: str) -> list[Record]:
+    """Records holding at least one of ``names``."""
+    return [r for r in records if any(_value(r, n) is not None for n in names)]
+
+
+def _fig(**layout) -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(**{**LAYOUT, **layout})
+    return fig
+
+
+def short_layer(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``3.q_proj`` (the full name stays in the hover)."""
+    return re.sub(r"(?<![A-Za-z0-9_])(model|layers|self_attn|mlp)\.", "", name)
+
+
+def memory_chart(records: list[Record]) -> Chart | None:
+    """Predicted peak (stacked by component) beside each measured peak, per case."""
+    parts = [p for p in ESTIMATE_PARTS if _with(records, p[0])]
+    peaks = [p for p in MEASURED_PEAKS if _with(records, p[0])]
+    recs = _with(records, *(p[0] for p in parts + peaks))
+    if not recs:
+        return None
+    x = [case_label(r.case_id) for r in recs]
+    fig = _fig(barmode="group", yaxis_title="GiB", legend=SIDE_LEGEND, margin={**LAYOUT["margin"], "r": 10})
+    base = [0.0] * len(recs)
+    for name, label, col in parts:
+        y = [_value(r, name) or 0.0 for r in recs]
+        fig.add_bar(
+            x=x, y=y, base=list(base), name=f"predicted: {label}", marker_color=col, offsetgroup="predicted",
+            legendgroup="predicted", hovertemplate="%{x}<br>" + label + ": %{y:.3f} GiB<extra></extra>",
+        )
+        base = [b + v for b, v in zip(base, y, strict=True)]
+    for r, label, top in zip(recs, x, base, strict=True):
+        if r.status == "oom":  # predicted, then out of memory: say so where the measured bars would be
+            fig.add_annotation(x=label, y=top, text="OOM", showarrow=False, yshift=12, font=dict(color="#8250df"))
+    for name, label, col in peaks:
+        fig.add_bar(
+            x=x, y=[_value(r, name) for r in recs], name=label, marker_color=col, offsetgroup=name,
+            hovertemplate="%{x}<br>" + label + ": %{y:.3f} GiB<extra></extra>",
+        )
+    return Chart("memory", "Peak memory: predicted by component (stacked, blue) against measured", fig, wide=True)
+
+
+def throughput_chart(records: list[Record]) -> Chart | None:
+    """Training throughput (real tokens/s) and model FLOPs utilisation, per case."""
+    shown = [(n, t) for n, t in (("train.tokens_per_s", "tokens/s"), ("train.mfu", "MFU")) if _with(records, n)]
+    if not shown:
+        return None
+    fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[t for _, t in shown], horizontal_spacing=0.12)
+    fig.update_layout(**{**LAYOUT, "showlegend": False, "margin": {**LAYOUT["margin"], "t": 40}})
+    for col, (name, label) in enumerate(shown, start=1):
+        recs = _with(records, name)
+        fig.add_bar(
+            x=[case_label(r.case_id) for r in recs], y=[_value(r, name) for r in recs], name=label,
+            marker_color=[colour(r.method) for r in recs], row=1, col=col,
+            hovertemplate="%{x}<br>" + label + ": %{y:.4g}<extra></extra>",
+        )
+    if shown[-1][0] == "train.mfu":
+        fig.update_yaxes(tickformat=".1%", row=1, col=len(shown))
+    many = max(len(_with(records, n)) for n, _ in shown) > 8
+    return Chart("throughput", "Training throughput (real tokens/s) and model FLOPs utilisation", fig, wide=many)
+
+
+def rmse_chart(records: list[Record]) -> Chart | None:
+    """Quantization RMSE per case, against the int4 absmax reference when measured."""
+    recs = _with(records, "quant.rmse", "quant.int4_ref.rmse")
+    if not recs:
+        return None
+    x = [case_label(r.case_id) for r in recs]
+    fig = _fig(barmode="group", yaxis_title="RMSE")
+    fig.add_bar(
+        x=x, y=[_value(r, "quant.rmse") for r in recs], name="RMSE", marker_color=[colour(r.method) for r in recs],
+        hovertemplate="%{x}<br>RMSE %{y:.4f}<extra></extra>",
+    )
+    if _with(recs, "quant.int4_ref.rmse"):
+        fig.add_bar(
+            x=x, y=[_value(r, "quant.int4_ref.rmse") for r in recs], name="int4 absmax reference",
+            marker_color="#bbbbbb", marker_pattern_shape="/", hovertemplate="%{x}<br>int4 ref %{y:.4f}<extra></extra>",
+        )
+    return Chart("rmse", "Quantization error per method (RMSE, lower is better)", fig, wide=len(recs) > 8)
+
+
+def layer_rmse_chart(records: list[Record]) -> Chart | None:
+    """RMSE of every quantized layer (``tables["quant.layers"]``), one line per case."""
+    recs = [r for r in records if r.tables.get("quant.layers")]
+    if not recs:
+        return None
+    fig = _fig(yaxis_title="RMSE", hovermode="x unified")
+    seen: dict[str, int] = {}
+    for r in recs:
+        rows = [row for row in r.tables["quant.layers"] if row.get("rmse") is not None]
+        n = seen[r.method] = seen.get(r.method, -1) + 1
+        fig.add_scatter(
+            x=[short_layer(str(row.get("name") or row.get("layer"))) for row in rows], y=[row["rmse"] for row in rows],
+            mode="lines+markers", name=case_label(r.case_id), marker_size=5, meta=r.method,
+            line=dict(color=colour(r.method, len(seen)), dash=DASHES[n % len(DASHES)], width=1.5),
+            customdata=[str(row.get("name") or row.get("layer")) for row in rows],
+            hovertemplate="%{y:.4f} (%{customdata})",
+        )
+    fig.update_xaxes(showticklabels=max(len(r.tables["quant.layers"]) for r in recs) <= 40, tickangle=-45)
+    _many_lines(fig)
+    return Chart("rmse_layers", "Quantization error per layer (RMSE)", fig, wide=True)
+
+
+def bits_chart(records: list[Record]) -> Chart | None:
+    """Storage cost in bits per parameter, with the QLoRA paper's reference points."""
+    recs = _with(records, "quant.bits_per_param")
+    if not recs:
+        return None
+    fig = _fig(yaxis_title="bits / parameter")
+    y = [_value(r, "quant.bits_per_param") for r in recs]
+    fig.add_bar(
+        x=[case_label(r.case_id) for r in recs], y=y, marker_color=[colour(r.method) for r in recs], showlegend=False,
+        text=[f"{v:.3f}" for v in y] if len(y) <= 10 else None, textposition="outside", hovertemplate="%{x}<br>%{y:.4f} bits<extra></extra>",
+    )
+    for (value, label), dash in zip(PAPER_BITS, ("dot", "dash"), strict=True):
+        fig.add_hline(y=value, line_dash=dash, line_color="#888", line_width=1)
+        fig.add_scatter(x=[None], y=[None], mode="lines", name=label, line=dict(color="#888", dash=dash, width=1))
+    fig.update_yaxes(range=[0, max(y + [4.5]) * 1.15])
+    return Chart("bits_per_param", "Storage per parameter, quantization constants included (bits)", fig,
+                 wide=len(recs) > 8)
+
+
+def loss_chart(records: list[Record]) -> Chart | None:
+    """Training loss curves (``series["train.loss"]``), one line per case."""
+    recs = [r for r in records if r.series.get("train.loss")]
+    if not recs:
+        return None
+    fig = _fig(xaxis_title="step", yaxis_title="loss", hovermode="x unified")
+    seen: dict[str, int] = {}
+    for r in recs:
+        points = r.series["train.loss"]
+        n = seen[r.method] = seen.get(r.method, -1) + 1
+        fig.add_scatter(
+            x=[p[0] for p in points], y=[p[1] for p in points], mode="lines", name=case_label(r.case_id), meta=r.method,
+            line=dict(color=colour(r.method, len(seen)), dash=DASHES[n % len(DASHES)], width=2),
+            hovertemplate="%{y:.4f}",
+        )
+    _many_lines(fig)
+    return Chart("loss", "Training loss", fig)
+
+
+def pareto_chart(records: list[Record]) -> Chart | None:
+    """Adapter accuracy against peak memory, a panel per eval task: up and to the left is better."""
+    xname = next((n for n in PARETO_X if _with(records, n)), None)
+    tasks = sorted({m.group(1) for r in records for k in r.metrics if (m := re.fullmatch(r"eval\.([^.]+)\.acc", k))})
+    if xname is None or not tasks:
+        return None
+    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks, horizontal_spacing=0.08)
+    fig.update_layout(**{**LAYOUT, "hovermode": "closest", "margin": {**LAYOUT["margin"], "t": 40},
+                         "legend": SIDE_LEGEND})
+    shown: set[str] = set()
+    for col, task in enumerate(tasks, start=1):
+        name = f"eval.{task}.acc"
+        pts = sorted(
+            (_value(r, xname), _value(r, name), r.method, r.case_id)
+            for r in records if _value(r, name) is not None and _value(r, xname) is not None
+        )
+        for method in dict.fromkeys(p[2] for p in pts):
+            mine = [p for p in pts if p[2] == method]
+            fig.add_scatter(
+                x=[p[0] for p in mine], y=[p[1] for p in mine], mode="markers", name=method, legendgroup=method,
+                showlegend=method not in shown, text=[case_label(p[3]) for p in mine], row=1, col=col,
+                marker=dict(size=12, color=colour(method), line=dict(width=1, color="#333")),
+                hovertemplate="%{text}<br>%{x:.3f} GiB · acc %{y:.3f}<extra>" + task + "</extra>",
+            )
+            shown.add(method)
+        frontier, top = [], -math.inf
+        for x, y, *_ in pts:  # the best accuracy reachable within each memory budget
+            if y > top:
+                frontier.append((x, y))
+                top = y
+        if len(frontier) > 1:
+            fig.add_scatter(
+                x=[p[0] for p in frontier], y=[p[1] for p in frontier], mode="lines", line_shape="hv",
+                line=dict(color="#999", dash="dot", width=1), showlegend=False, hoverinfo="skip", row=1, col=col,
+            )
+        fig.update_xaxes(title_text=f"{xname.split('.', 1)[1]} (GiB)", row=1, col=col)
+    fig.update_yaxes(title_text="accuracy", row=1, col=1)
+    return Chart("pareto", "Accuracy against peak memory (up and to the left is better; dotted: best so far)", fig,
+                 wide=len(tasks) > 1)
+
+
+CHARTS: tuple[Callable[[list[Record]], Chart | None], ...] = (
+    memory_chart, throughput_chart, rmse_chart, bits_chart, layer_rmse_chart, loss_chart, pareto_chart,
+)
+
+
+def suite_charts(records: list[Record]) -> list[Chart]:
+    """Every chart whose metrics exist in these records, in reading order."""
+    return [c for c in (make(records) for make in CHARTS) if c is not None]
+
+
+def across_runs_chart(metric: str, runs: list[tuple[str, list[Record]]]) -> Chart | None:
+    """One metric per case, a bar per run (for ``render_many``)."""
+    from harness import metrics
+
+    traces = [(rid, _with(recs, metric)) for rid, recs in runs]
+    if not any(recs for _, recs in traces):
+        return None
+    unit = metrics.info(metric).unit
+    fig = _fig(barmode="group", yaxis_title=unit or metric)
+    for i, (rid, recs) in enumerate(traces):
+        fig.add_bar(
+            x=[case_label(r.case_id) for r in recs], y=[_value(r, metric) for r in recs], name=rid,
+            marker_color=OTHER_COLOURS[i % len(OTHER_COLOURS)] if i else "#4c72b0",
+            hovertemplate="%{x}<br>%{y:.4g}<extra>" + rid + "</extra>",
+        )
+    return Chart(f"runs-{metric}", f"{metric}" + (f" [{unit}]" if unit else "") + ", per run", fig)

@@ -1,0 +1,199 @@
+"""HTML pages: one per run, an index of runs, and a side-by-side comparison of several runs."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from harness.compare import load_baseline
+from harness.report import charts as ch
+from harness.report import tables
+from harness.report.data import Run, env_items, git_text, load_run, machine, write_text_atomic
+
+TEMPLATES = Path(__file__).parent / "templates"
+MANY_METRICS = (  # metrics charted across runs by render_many, when present
+    "train.peak_reserved_gib", "train.nvml_peak_gib", "train.peak_rss_gib", "train.tokens_per_s", "train.mfu",
+    "quant.rmse", "quant.bits_per_param",
+)
+
+
+@functools.cache
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, trim_blocks=True, lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["when"] = when
+    return env
+
+
+@functools.cache
+def plotly_js() -> str:
+    """The plotly.js bundle shipped with the plotly package, embedded once per page (no CDN)."""
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def when(iso: str) -> str:
+    """``2026-11-22T13:35:22+00:00`` -> ``2026-11-22 13:35 UTC``; other text as it is."""
+    try:
+        t = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        return iso or "–"
+    return t.strftime("%Y-%m-%d %H:%M") + (" UTC" if t.utcoffset() is not None and not t.utcoffset() else "")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
+
+
+def _chart_views(suite: str, charts: list[ch.Chart]) -> list[dict[str, Any]]:
+    """Charts as template values: name, title, width and their HTML (div id unique in the page)."""
+    return [
+        {"name": c.name, "title": c.title, "wide": c.wide, "html": c.html(f"chart-{_slug(suite)}-{_slug(c.name)}")}
+        for c in charts
+    ]
+
+
+def _page(template: str, out: Path, **values: Any) -> Path:
+    has_charts = any(s.get("charts") for s in values.get("suites", []))
+    html = _env().get_template(template).render(plotly_js=plotly_js() if has_charts else "", **values)
+    return write_text_atomic(out, html)
+
+
+def _run_summary(run: Run) -> dict[str, Any]:
+    """What the index and page headers show about a run."""
+    env = run.env
+    return {
+        "run_id": run.run_id,
+        "started_at": run.started_at,
+        "machine": machine(env, run.run_id),
+        "git": git_text(env),
+        "dirty": bool((env.get("git") or {}).get("dirty")),
+        "counts": run.counts(),
+        "total": len(run.records),
+        "suites": run.suites,
+        "tier": run.meta.get("tier") or "",
+        "tier_why": run.meta.get("tier_why") or "",
+    }
+
+
+def _model_text(model: dict[str, Any]) -> str:
+    """``synthetic preset llama-tiny · 12.3M parameters · hash 1a2b3c``."""
+    if not model:
+        return ""
+    parts = [str(model.get("source", ""))]
+    name = model.get("preset") or model.get("hub_id") or model.get("path") or model.get("name")
+    if name:
+        parts.append(str(name))
+    params = model.get("parameters") or model.get("param_count") or model.get("params")
+    if isinstance(params, dict):  # {"linear": ..., "total": ...}
+        params = params.get("total")
+    if isinstance(params, int | float):
+        parts.append(f"{params / 1e6:,.1f}M parameters" if params < 1e9 else f"{params / 1e9:,.2f}B parameters")
+    if model.get("num_layers"):
+        parts.append(f"{model['num_layers']} layers")
+    digest = model.get("fingerprint") or model.get("hash")
+    if digest:
+        parts.append(f"fingerprint {str(digest)[:12]}")
+    return " · ".join(p for p in parts if p)
+
+
+def render_run(run_dir: Path, reports_dir: Path, *, baseline: Path | str | None = None) -> Path:
+    """Write ``reports/<run-id>.html`` (plus its CSV/Markdown tables) and return the page's path.
+
+    ``baseline`` (a run folder, or a run id or tier resolved next to ``run_dir``, see harness.compare)
+    adds each metric's change against the baseline's record of the same case.
+    """
+    run = load_run(run_dir)
+    base = load_baseline(baseline, Path(run_dir).parent) if baseline is not None else None
+    base_id = next(iter(base.values())).run_id if base else ""
+    csv_links = {p.stem: p for p in tables.export_tables(run_dir, reports_dir) if p.suffix == ".csv"}
+    suites = []
+    for suite in run.suites:
+        records = run.by_suite(suite)
+        suites.append({
+            "name": suite,
+            "anchor": f"suite-{_slug(suite)}",
+            "model": _model_text(records[0].model),
+            "table": tables.suite_table(records, base),
+            "all": tables.all_metrics(records),
+            "charts": _chart_views(suite, ch.suite_charts(records)),
+            "csv": f"{run.run_id}/{csv_links[suite].name}" if suite in csv_links else "",
+            "md": f"{run.run_id}/{suite}.md" if suite in csv_links else "",
+        })
+    env = run.env
+    return _page(
+        "run.html", Path(reports_dir) / f"{run.run_id}.html",
+        run=_run_summary(run), suites=suites, env=env_items(env), versions=env.get("versions") or {},
+        baseline=str(baseline) if baseline is not None else "", baseline_id=base_id,
+        title=f"{run.run_id} · qlora-harness",
+    )
+
+
+def list_runs(results_dir: Path) -> list[Path]:
+    """Run folders (those with a ``run.json``) directly under ``results_dir``."""
+    results_dir = Path(results_dir)
+    return sorted(p.parent for p in results_dir.glob("*/run.json")) if results_dir.is_dir() else []
+
+
+def _stale(page: Path, run_dir: Path) -> bool:
+    """True when the page is missing or older than a file of its run."""
+    if not page.exists():
+        return True
+    newest = max((p.stat().st_mtime for p in run_dir.iterdir() if p.is_file()), default=0)
+    return page.stat().st_mtime < newest
+
+
+def render_index(results_dir: Path, reports_dir: Path) -> Path:
+    """Write ``reports/index.html`` listing every run, newest first; render missing or stale run pages."""
+    reports_dir = Path(reports_dir)
+    runs = []
+    for run_dir in list_runs(results_dir):
+        run = load_run(run_dir)
+        page = reports_dir / f"{run.run_id}.html"
+        if _stale(page, run_dir):
+            render_run(run_dir, reports_dir)
+        runs.append({**_run_summary(run), "href": page.name})
+    runs.sort(key=lambda r: (r["started_at"], r["run_id"]), reverse=True)
+    return _page("index.html", reports_dir / "index.html", runs=runs, title="Runs · qlora-harness")
+
+
+def render_many(run_dirs: list[Path], out: Path) -> Path:
+    """One page comparing several runs (other machines, other tiers) side by side, suite by suite."""
+    runs = [load_run(d) for d in run_dirs]
+    out = Path(out)
+    headers = []
+    for run in runs:
+        page = out.parent / f"{run.run_id}.html"
+        headers.append({**_run_summary(run), "href": page.name if page.exists() else ""})
+    suite_names = list(dict.fromkeys(s for run in runs for s in run.suites))
+    suites = []
+    for suite in suite_names:
+        per_run = [run.by_suite(suite) for run in runs]
+        pairs = [(run.run_id, recs) for run, recs in zip(runs, per_run, strict=True)]
+        made = [ch.across_runs_chart(m, pairs) for m in MANY_METRICS]
+        suites.append({
+            "name": suite,
+            "anchor": f"suite-{_slug(suite)}",
+            "table": tables.many_table(suite, per_run, [r.run_id for r in runs]),
+            "charts": _chart_views(suite, [c for c in made if c is not None]),
+        })
+    return _page(
+        "many.html", out, runs=headers, suites=suites, title=f"{len(runs)} runs compared · qlora-harness"
+    )
+
+
+def many_name(run_ids: list[str]) -> str:
+    """``compare-<id1>_<id2>.html``, shortened with a hash when the ids are long."""
+    joined = "_".join(run_ids)
+    if len(joined) > 120:
+        joined = f"{run_ids[0]}_and_{len(run_ids) - 1}_more-{hashlib.sha1(joined.encode()).hexdigest()[:8]}"
+    return f"compare-{joined}.html"
