@@ -79,3 +79,21 @@ def param_count(p: Preset, vocab_size: int | None = None, num_layers: int | None
     embed = vocab * p.hidden_size
     head = 0 if p.tie_word_embeddings else vocab * p.hidden_size
     return {"linear": linear, "embed": embed, "lm_head": head, "norm": norms, "total": linear + embed + head + norms}
+
+
+def from_hf_config(folder) -> Preset:
+    """The shape of a local or hub checkpoint, read from its config.json (for FLOPs and the estimator)."""
+    import json
+    from pathlib import Path
+
+    c = json.loads((Path(folder) / "config.json").read_text())
+    heads = c["num_attention_heads"]
+    return Preset(
+        name=c.get("_name_or_path") or Path(folder).name, model_type=c.get("model_type", "llama"),
+        hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+        num_hidden_layers=c["num_hidden_layers"], num_attention_heads=heads,
+        num_key_value_heads=c.get("num_key_value_heads") or heads, vocab_size=c["vocab_size"],
+        max_position_embeddings=c.get("max_position_embeddings", 4096), rope_theta=c.get("rope_theta", 10000.0),
+        rms_norm_eps=c.get("rms_norm_eps", 1e-5), source=str(folder),
+        tie_word_embeddings=c.get("tie_word_embeddings", False),
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -83,6 +84,25 @@ def _callback(ctx: Context, counter: TokenCounter, sampler: memory.Sampler, warm
     return Measure()
 
 
+def weight_bytes(model) -> dict[str, float]:
+    """Bytes of the base's weights as held (4-bit data plus every quantization statistic) and of the adapters.
+
+    ``get_memory_footprint`` misses double-quantization statistics, so this reads each QuantState instead.
+    """
+    from harness.stages.quant import nbytes, storage_of
+
+    base = lora = 0
+    for name, p in model.named_parameters():
+        state = getattr(p, "quant_state", None)
+        n = storage_of(p, state).total_bytes if state is not None else nbytes(p)
+        if "lora_" in name:
+            lora += n
+        else:
+            base += n
+    return {"train.weight_bytes": float(base), "train.lora_bytes": float(lora),
+            "train.memory_footprint_bytes": float(model.get_memory_footprint())}
+
+
 def lora_config(settings):
     from peft import LoraConfig
 
@@ -138,7 +158,7 @@ def run(ctx: Context) -> StageOutput:
     out.metrics.update(memory.torch_peaks("train.load_"))
     trainable, total = model.get_nb_trainable_parameters()
     out.metrics["train.trainable_params"] = float(trainable)
-    out.metrics["train.weight_bytes"] = float(model.get_memory_footprint())
+    out.metrics.update(weight_bytes(model))
 
     dataset = load_dataset("json", data_files=ctx.case.data.train, split="train")
     trainer_dir = ctx.work_dir / "trainer"
@@ -191,6 +211,7 @@ def run(ctx: Context) -> StageOutput:
         out.metrics["train.step_p90_ms"] = _quantile(steps, 0.9) * 1e3
         out.metrics["train.timed_steps"] = float(len(steps))
         out.metrics["train.padding_pct"] = 100.0 * (1 - real / total_tok) if total_tok else 0.0
+        out.metrics.update(_flops(ctx, total_tok / timed))
     if measure.loss:
         out.series["train.loss"] = measure.loss
         first, last = _mean_head(measure.loss), _mean_tail(measure.loss)
@@ -207,6 +228,50 @@ def run(ctx: Context) -> StageOutput:
     ctx.shared["train_measure"] = measure
     del trainer, model
     _free(ctx.device)
+    return out
+
+
+def peak_tflops(ctx: Context) -> tuple[float | None, float | None]:
+    """(measured bf16 matmul peak, datasheet peak) of this GPU; the probe runs once per machine and run."""
+    from filelock import FileLock
+
+    from harness.measure import flops
+    from harness.measure.machine import gpu_info
+
+    gpu = gpu_info()
+    if gpu is None:
+        return None, None
+    cache = ctx.run_dir / "cache" / f"peak-{gpu['name'].replace(' ', '_')}.json"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache) + ".lock"):
+        if not cache.exists():
+            cache.write_text(json.dumps({"measured_tflops": flops.measure_peak_bf16_tflops("cuda")}))
+        measured = json.loads(cache.read_text())["measured_tflops"]
+    return measured, flops.datasheet_tflops(gpu["name"])
+
+
+def _flops(ctx: Context, tokens_per_s: float) -> dict[str, float]:
+    """Achieved FLOP/s from the analytic count, and MFU against the measured and the datasheet peak (GPU only)."""
+    from harness.measure import flops
+
+    preset = ctx.source.preset
+    if preset is None:
+        from harness.presets import from_hf_config
+
+        preset = from_hf_config(ctx.source.checkpoint)
+    per_token = flops.train_flops_per_token(preset, ctx.case.settings, num_layers=ctx.case.model.num_layers)
+    out = {"train.flops_per_token": per_token["model"]}
+    achieved = tokens_per_s * per_token["model"] / 1e12
+    if ctx.device != "cuda":
+        return out  # MFU means nothing without a device peak: absent, not zero
+    measured, datasheet = peak_tflops(ctx)
+    out["train.achieved_tflops"] = achieved
+    if measured:
+        out["train.peak_measured_tflops"] = measured
+        out["train.mfu"] = achieved / measured
+    if datasheet:
+        out["train.peak_datasheet_tflops"] = datasheet
+        out["train.mfu_datasheet"] = achieved / datasheet
     return out
 
 
