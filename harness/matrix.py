@@ -8,7 +8,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from harness.spec import ID_PREFIX, DataSpec, EvalSpec, ModelSpec, Settings, SpecError, Suite, validate_settings
+from harness.spec import (
+    ID_PREFIX,
+    DataSpec,
+    EvalSpec,
+    ModelSpec,
+    Settings,
+    SpecError,
+    Suite,
+    validate_settings,
+)
 
 
 class Case(BaseModel):
@@ -74,7 +83,7 @@ def expand(suite: Suite, path: Path | str) -> list[Case]:
     cases: list[Case] = []
     seen: dict[str, int] = {}
     for n, combo in enumerate(itertools.product(*(suite.matrix[a] for a in axes_names))):
-        axes = dict(zip(axes_names, combo))
+        axes = dict(zip(axes_names, combo, strict=False))
         settings: Settings = validate_settings(path, {**suite.settings, **axes}, "matrix")
         cid = case_id(suite.name, axes)
         if cid in seen:

@@ -188,10 +188,7 @@ def load_base(source: Source, method_name: str, compute_dtype: str, quant_storag
     from transformers import AutoModelForCausalLM
 
     if source.checkpoint is None:
-        raise RuntimeError(
-            f"preset {source.info.get('preset')} is too large to write a 16-bit checkpoint: "
-            "it is built in 4-bit on the GPU (build_4bit_on_device)"
-        )
+        return build_on_device(source, method_name, compute_dtype, device)
     method = methods.get(method_name)
     dtype = methods.torch_dtype(compute_dtype)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -200,3 +197,53 @@ def load_base(source: Source, method_name: str, compute_dtype: str, quant_storag
         kwargs["quantization_config"] = qconfig
     kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
     return AutoModelForCausalLM.from_pretrained(source.checkpoint, **kwargs)
+
+
+def build_on_device(source: Source, method_name: str, compute_dtype: str, device: str, seed: int = 0):
+    """A synthetic preset built straight on the device, one linear at a time: 4-bit for the QLoRA methods.
+
+    No full 16-bit copy exists in host memory or on disk, so a 70B-shaped QLoRA base needs only its 4-bit
+    bytes. Weights are N(0, initializer_range) from a seeded generator: the same weights on every build.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoModelForCausalLM
+
+    preset, method = source.preset, methods.get(method_name)
+    config = preset.hf_config(num_layers=source.info.get("num_layers"))
+    dtype = methods.torch_dtype(compute_dtype)
+    target = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    gen = torch.Generator(device=target).manual_seed(seed)
+    std = config.initializer_range
+
+    def rand(*shape):
+        return torch.empty(*shape, device=target, dtype=dtype).normal_(0.0, std, generator=gen)
+
+    for _parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, torch.nn.Linear) or name == "lm_head" or not method.is_4bit:
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=dtype, compress_statistics=method.double_quant,
+                                      quant_type=method.quant_type, device="meta")
+            weight = rand(child.out_features, child.in_features)
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=method.quant_type,
+                                             compress_statistics=method.double_quant, blocksize=64).to(target)
+            del weight  # only the 4-bit copy stays
+            setattr(parent, name, layer)
+    for name, param in list(model.named_parameters()):
+        if param.device.type == "meta":  # embeddings, norms, lm_head, and every linear of a 16-bit base
+            value = torch.ones(param.shape, dtype=dtype, device=target) if "norm" in name else rand(*param.shape)
+            set_module_tensor_to_device(model, name, target, value=value)
+    for name, buf in list(model.named_buffers()):
+        if buf.device != target:
+            set_module_tensor_to_device(model, name, target, value=buf.to(target))
+    if method.is_4bit:
+        model.is_loaded_in_4bit = True  # what from_pretrained sets; prepare_model_for_kbit_training reads it
+        model.is_quantized = True
+    model.hf_device_map = {"": target.index if target.type == "cuda" else "cpu"}
+    return model

@@ -11,7 +11,15 @@ from typing import Any
 from harness import presets
 from harness.expect import check_case, check_ratio
 from harness.matrix import Case
-from harness.records import Record, case_filename, new_run_id, read_record, utcnow, write_json_atomic, write_record
+from harness.records import (
+    Record,
+    case_filename,
+    new_run_id,
+    read_record,
+    utcnow,
+    write_json_atomic,
+    write_record,
+)
 from harness.spec import TIERS, RatioExpectation, Suite
 
 TIER_ORDER = list(TIERS)

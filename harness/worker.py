@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import signal
 import subprocess
@@ -78,7 +77,7 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
         ctx = Context(case=case, source=source, device=device, run_dir=run_dir, work_dir=work_dir,
                       shared={"sampler": sampler})
         _estimate(ctx, record)
-        for stage, module in zip(case.stages, stage_modules):
+        for stage, module in zip(case.stages, stage_modules, strict=False):
             print(f"[{case.case_id}] {stage} ...", flush=True)
             t = time.perf_counter()
             out: StageOutput = module.run(ctx)

@@ -45,7 +45,7 @@ def facts(rng: random.Random, products: list[str]) -> list[tuple[str, str, str]]
     for attr, (values, _, _) in ATTRIBUTES.items():
         pool = (values * ((len(products) + len(values) - 1) // len(values)))[: len(products)]
         rng.shuffle(pool)
-        out += [(p, attr, v) for p, v in zip(products, pool)]
+        out += [(p, attr, v) for p, v in zip(products, pool, strict=False)]
     return out
 
 
