@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--suites", type=Path, default=Path("suites"),
                    help="suites folder whose 'tolerances:' apply (default: suites; skipped when absent)")
 
+    h = sub.add_parser("headline", parents=[results],
+                       help="print the README's headline table from a run's records (or --update the README)")
+    h.add_argument("run", metavar="RUN", help="run id, run folder or 'latest'")
+    h.add_argument("--suite", default="smoke", help="the suite whose methods form the rows (default: smoke)")
+    h.add_argument("--update", type=Path, metavar="README", help="replace the table between the README's markers")
+
     ls = sub.add_parser("list", help="list the suites and their case ids")
     ls.add_argument("--suites", type=Path, default=Path("suites"), help="suites folder (default: suites)")
     return p
@@ -155,12 +161,25 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def cmd_headline(args: argparse.Namespace) -> int:
+    """The headline table, drawn from one run's records."""
+    from harness.records import resolve_run
+    from harness.report import headline
+
+    run_dir = resolve_run(args.run, args.results)
+    if args.update:
+        headline.update(args.update, run_dir, args.suite)
+    else:
+        print(headline.table(run_dir, args.suite))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m harness`` and ``qlora-harness``; returns the exit status."""
     from harness.compare import RecordError
 
     args = _parser().parse_args(argv)
-    command = {"report": cmd_report, "compare": cmd_compare, "list": cmd_list}[args.command]
+    command = {"report": cmd_report, "compare": cmd_compare, "list": cmd_list, "headline": cmd_headline}[args.command]
     try:
         return command(args)
     except (UserError, RecordError, FileNotFoundError, NotADirectoryError) as exc:

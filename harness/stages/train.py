@@ -149,6 +149,7 @@ def run(ctx: Context) -> StageOutput:
     sampler = ctx.shared["sampler"]
     tokenizer = models.load_tokenizer(ctx.source)
     memory.reset_torch_peaks()
+    rss_start = memory.memory_now()["rss_gib"]  # the interpreter and libraries, before any weight
     t = time.perf_counter()
     with sampler.phase("load"):
         model = load_for_training(ctx)
@@ -197,6 +198,9 @@ def run(ctx: Context) -> StageOutput:
     out.metrics["train.wall_s"] = time.perf_counter() - t
 
     out.metrics.update(sampler.metrics("train.", "train"))
+    if "train.peak_rss_gib" in out.metrics:  # what the model and training added (comparable with the estimate)
+        out.metrics["train.rss_start_gib"] = rss_start
+        out.metrics["train.peak_rss_over_start_gib"] = out.metrics["train.peak_rss_gib"] - rss_start
     out.metrics.update(memory.torch_peaks("train."))
     if measure.managed:
         out.metrics["train.managed_gib"] = measure.managed / memory.GIB
