@@ -1,0 +1,20 @@
+"""The README's headline table is exactly what the committed reference records say."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from harness.report import headline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_headline_table_matches_the_committed_records():
+    readme = ROOT / "README.md"
+    shown = headline.embedded(readme)
+    run_id = re.search(r"run `([^`]+)`", shown).group(1)
+    runs = list((ROOT / "results" / "reference").glob(f"*/{run_id}"))
+    assert len(runs) == 1, f"the README quotes run {run_id}, which must be committed under results/reference/"
+    assert shown == headline.table(runs[0], "smoke")
+
