@@ -106,3 +106,25 @@ def test_tasks_and_data_are_not_suites():
     assert is_suite_file(ROOT / "suites" / "smoke.yaml")
     assert not is_suite_file(ROOT / "suites" / "tasks" / "support_mc.yaml")
     assert not is_suite_file(ROOT / "tests" / "x.yaml")
+
+
+def _edit_metric(path, name, factor):
+    rec = json.loads(path.read_text())
+    rec["metrics"][name] *= factor
+    path.write_text(json.dumps(rec))
+
+
+@pytest.mark.parametrize("factor, fails", [(0.8, True), (1.25, False)], ids=["regressed", "improved"])
+def test_baseline_regression_fails_the_case(project, factor, fails):
+    (project.path / "suites" / "q.yaml").write_text(QUANT_SUITE.replace("  - {ratio", "  # - {ratio"))
+    project.runpytest_subprocess("suites/", "--run-id", "base", "--no-report").assert_outcomes(passed=2)
+    # pretend the baseline's NF4 error was 20% lower (so today's is a regression) or 25% higher (an improvement)
+    _edit_metric(project.path / "results" / "base" / "q__qlora-nf4.json", "quant.rmse", factor)
+    result = project.runpytest_subprocess("suites/", "--run-id", "new", "--baseline", "results/base")
+    if fails:
+        result.assert_outcomes(passed=1, failed=1)
+        result.stdout.fnmatch_lines(["*quant.rmse regressed: * -> * (+25.0%, tolerance 2%)*"])
+        rec = json.loads((project.path / "results" / "new" / "q__qlora-nf4.json").read_text())
+        assert rec["status"] == "failed" and "quant.rmse regressed" in rec["message"]
+    else:
+        result.assert_outcomes(passed=2)
