@@ -195,8 +195,19 @@ def load_base(source: Source, method_name: str, compute_dtype: str, quant_storag
     qconfig = methods.bnb_config(method, compute_dtype, quant_storage)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
-    return AutoModelForCausalLM.from_pretrained(source.checkpoint, **kwargs)
+    kwargs["device_map"] = device_map(device)
+    model = AutoModelForCausalLM.from_pretrained(source.checkpoint, **kwargs)
+    source.info["device_map"] = sorted({str(v) for v in (getattr(model, "hf_device_map", None) or {"": "cpu"}).values()})
+    return model
+
+
+def device_map(device: str):
+    """One GPU when one is visible; accelerate's ``auto`` placement over several (the record says which)."""
+    if device != "cuda":
+        return {"": "cpu"}
+    import torch
+
+    return "auto" if torch.cuda.device_count() > 1 else {"": 0}
 
 
 def build_on_device(source: Source, method_name: str, compute_dtype: str, device: str, seed: int = 0):
@@ -246,4 +257,5 @@ def build_on_device(source: Source, method_name: str, compute_dtype: str, device
         model.is_loaded_in_4bit = True  # what from_pretrained sets; prepare_model_for_kbit_training reads it
         model.is_quantized = True
     model.hf_device_map = {"": target.index if target.type == "cuda" else "cpu"}
+    source.info["device_map"] = [str(target)]  # built on one device: multi-GPU placement is for checkpoints
     return model

@@ -28,8 +28,32 @@ def pytest_addoption(parser):
     group.addoption("--no-report", action="store_true", help="do not render HTML at the end of the session")
 
 
+def pin_worker_gpu(workerid: str, gpu_count: int, environ) -> str | None:
+    """Pin an xdist worker (gw0, gw1, …) to one GPU, round robin, unless the user already chose devices."""
+    if gpu_count < 2 or "CUDA_VISIBLE_DEVICES" in environ:
+        return None
+    environ["CUDA_VISIBLE_DEVICES"] = str(int(workerid.removeprefix("gw")) % gpu_count)
+    return environ["CUDA_VISIBLE_DEVICES"]
+
+
+def _nvml_gpu_count() -> int:
+    """GPUs on this machine, counted without initialising CUDA in this process."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetCount()
+    except Exception:  # no NVML: no GPU to spread over
+        return 0
+
+
 def pytest_configure(config):
+    import os
+
     from harness.runner import Run, resolve_tier
+
+    if hasattr(config, "workerinput"):  # before anything touches CUDA: the case workers inherit the pin
+        pin_worker_gpu(config.workerinput["workerid"], _nvml_gpu_count(), os.environ)
 
     for tier in TIERS:
         config.addinivalue_line("markers", f"{tier.replace('-', '_')}: cases of suites in the {tier} tier")

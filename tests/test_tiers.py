@@ -76,3 +76,14 @@ def test_xdist_workers_write_one_run(project):
     assert len(records) == 4 and {r["run_id"] for r in records} == {"xd"}
     assert (project.path / "reports" / "xd.html").exists()
     assert not [d for d in (project.path / "results").iterdir() if d.name != "xd"]  # no stray run folders
+
+
+@pytest.mark.parametrize("workerid, count, env, pinned", [
+    ("gw0", 4, {}, "0"), ("gw5", 4, {}, "1"), ("gw1", 1, {}, None), ("gw1", 4, {"CUDA_VISIBLE_DEVICES": "2,3"}, None),
+])
+def test_xdist_workers_are_pinned_round_robin(workerid, count, env, pinned):
+    from harness.plugin import pin_worker_gpu
+
+    assert pin_worker_gpu(workerid, count, env) == pinned
+    if pinned is not None:
+        assert env["CUDA_VISIBLE_DEVICES"] == pinned
