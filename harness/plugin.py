@@ -81,8 +81,8 @@ def pytest_configure(config):
             run.__post_init__()
     config.stash[RUN_KEY] = run
     config.stash[SEEN_KEY] = {}
-    config.pluginmanager.register(_XdistHooks(run), "harness-xdist") if config.pluginmanager.hasplugin(
-        "xdist") else None
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistHooks(run), "harness-xdist")
 
 
 class _XdistHooks:
@@ -143,7 +143,7 @@ class SuiteFile(pytest.File):
             yield item
         for exp in suite.expectations:
             if isinstance(exp, RatioExpectation):
-                yield RatioItem.from_parent(self, name=f"{suite.name}::{exp.label}", exp=exp, cases=cases)
+                yield RatioItem.from_parent(self, name=f"{suite.name}[ratio:{exp.label}]", exp=exp, cases=cases)
 
 
 def _baseline(config):

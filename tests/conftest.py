@@ -1,4 +1,4 @@
-"""Shared test fixtures: fake run folders of hand-made records (no model is loaded or trained)."""
+"""Shared test fixtures: a pytester project with a suites/ folder, and fake run folders of hand-made records."""
 
 from __future__ import annotations
 
@@ -101,3 +101,12 @@ def make_run(root: Path, run_id: str, *, gpu: str | None = "NVIDIA H100 80GB HBM
 def fake_run(tmp_path: Path) -> Path:
     """A fake run folder under ``tmp_path/results``."""
     return make_run(tmp_path / "results", "20261122T120000Z-gpu01")
+
+
+@pytest.fixture
+def project(request, tmp_path_factory, monkeypatch):
+    """A pytester folder with an empty suites/, sharing one synthetic-model cache across the session's tests."""
+    pytester = request.getfixturevalue("pytester")
+    monkeypatch.setenv("QLORA_HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    (pytester.path / "suites").mkdir()
+    return pytester

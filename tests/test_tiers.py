@@ -38,13 +38,6 @@ def test_detect_tier(gib, tier):
     assert detect_tier(gib) == tier
 
 
-@pytest.fixture
-def project(pytester, tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("QLORA_HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    (pytester.path / "suites").mkdir()
-    return pytester
-
-
 def test_auto_tier_selects_and_the_budget_skips_with_its_reason(project):
     (project.path / "suites" / "big.yaml").write_text(BIG)
     (project.path / "suites" / "gpuonly.yaml").write_text(GPU_ONLY)

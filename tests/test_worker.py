@@ -23,13 +23,6 @@ timeout_s: TIMEOUT
 """
 
 
-@pytest.fixture
-def project(pytester, tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("QLORA_HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    (pytester.path / "suites").mkdir()
-    return pytester
-
-
 def test_oom_case_is_recorded_and_the_session_goes_on(project):
     # case 1: an address-space cap far below what loading and quantizing needs; case 2: the same without a cap
     (project.path / "suites" / "a.yaml").write_text(SUITE.replace("LIMIT", "0.001").replace("TIMEOUT", "300"))
