@@ -216,3 +216,13 @@ def fits(est: Estimate, budget_gib: float) -> tuple[bool, str]:
     terms = sorted(est.breakdown().items(), key=lambda kv: -kv[1])
     parts = ", ".join(f"{k.removesuffix('_gib')} {v:.1f}" for k, v in terms if k != "total_gib" and v >= 0.05)
     return False, f"estimated peak {est.total_gib:.1f} GiB exceeds the {budget_gib:g} GiB budget ({parts})"
+
+
+def for_case(case, device: str) -> Estimate | None:
+    """The estimate of a suite case whose model shape is known (synthetic presets), else None."""
+    from harness import presets
+
+    if case.model.source != "synthetic":
+        return None
+    return estimate(presets.PRESETS[case.model.preset], case.settings, num_layers=case.model.num_layers,
+                    device=device)

@@ -62,10 +62,3 @@ def info(name: str) -> MetricInfo:
 def direction(name: str) -> Direction:
     return info(name).direction
 
-
-def is_better(name: str, new: float, old: float) -> bool | None:
-    """True when ``new`` is better than ``old`` for this metric, None when it has no direction."""
-    d = direction(name)
-    if d == "none" or new == old:
-        return None
-    return (new < old) if d == "lower" else (new > old)

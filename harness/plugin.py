@@ -5,6 +5,7 @@ A thin adapter: the work is done by harness.spec, harness.matrix, harness.runner
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,6 @@ def pytest_configure(config):
         run.machine_fits = False
     if not hasattr(config, "workerinput") and not run_id:
         while run.dir.exists():  # never reuse an earlier run's folder
-            import time
-
             time.sleep(1)
             run.run_id = ""
             run.__post_init__()

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import presets
 from harness.expect import check_case, check_ratio
 from harness.matrix import Case
 from harness.records import (
@@ -99,15 +97,11 @@ class Run:
 
     def over_budget(self, case: Case) -> tuple[str | None, dict[str, float]]:
         """The estimator's reason to skip a case whose predicted peak exceeds the tier's budget."""
-        if case.model.source != "synthetic":
+        from harness import estimate
+
+        est = estimate.for_case(case, "cpu" if self.tier == "cpu" else "cuda")
+        if est is None:
             return None, {}
-        try:
-            from harness import estimate
-        except ImportError:
-            return None, {}
-        device = "cpu" if self.tier == "cpu" else "cuda"
-        est = estimate.estimate(presets.PRESETS[case.model.preset], case.settings,
-                                num_layers=case.model.num_layers, device=device)
         if self.budget_gib is None:
             return None, est.as_metrics()
         fits, reason = estimate.fits(est, self.budget_gib)
@@ -198,7 +192,3 @@ def _gap_to_reference(case: Case, record: Record, earlier: dict[str, Record]) ->
                     record.metrics[f"{name}_gap"] = value - ref.metrics[name]
             return
 
-
-def load_run_meta(run_dir: Path) -> dict[str, Any]:
-    p = Path(run_dir) / "run.json"
-    return json.loads(p.read_text()) if p.exists() else {}

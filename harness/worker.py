@@ -105,15 +105,11 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
 
 def _estimate(ctx, record: Record) -> None:
     """The estimator's predicted peak, where the model's shape is known."""
-    try:
-        from harness import estimate
-    except ImportError:
-        return
-    if ctx.source.preset is None:
-        return
-    est = estimate.estimate(ctx.source.preset, ctx.case.settings, num_layers=ctx.case.model.num_layers,
-                            device=ctx.device)
-    record.metrics.update(est.as_metrics())
+    from harness import estimate
+
+    est = estimate.for_case(ctx.case, ctx.device)
+    if est is not None:
+        record.metrics.update(est.as_metrics())
 
 
 def run_isolated(case: Case, run_id: str, run_dir: Path, work_dir: Path, timeout_s: float | None = None) -> Record:

@@ -7,7 +7,6 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -157,7 +156,3 @@ def run(ctx: Context) -> StageOutput:
     _free(ctx.device)
     return out
 
-
-def summary(metrics: dict[str, Any]) -> str:
-    accs = {k: v for k, v in metrics.items() if k.endswith(".acc")}
-    return ", ".join(f"{k.removeprefix('eval.')} {v:.3f}" for k, v in accs.items())

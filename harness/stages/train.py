@@ -6,7 +6,6 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 from harness import methods
 from harness.measure import memory
@@ -301,9 +300,3 @@ def _free(device: str) -> None:
 
         torch.cuda.empty_cache()
 
-
-def describe(metrics: dict[str, Any]) -> str:
-    """One line for progress output."""
-    tps = metrics.get("train.tokens_per_s")
-    return f"loss {metrics.get('train.loss_first', float('nan')):.3f} -> {metrics.get('train.loss_last', float('nan')):.3f}" + (
-        f", {tps:.0f} tokens/s" if tps else "")
