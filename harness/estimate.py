@@ -1,16 +1,18 @@
 """First-principles peak-memory model of one training case: weights, adapter, optimizer, activations.
 
-Dtype assumptions (read from the peft 0.21, bitsandbytes 0.50 and transformers 5 sources and checked on the
-CPU against the bytes autograd saves; the activation formula is in the comment on activation_bytes_per_token):
+Dtype assumptions (read from the peft 0.21, transformers 5 and quantization library sources and checked on
+the CPU against the bytes autograd saves; the activation formula is in the comment on activation_bytes_per_token):
 
-- lora-bf16 loads the base in ``compute_dtype`` (2 bytes for bf16/fp16). A 4-bit base keeps its linears
-  packed; ``prepare_model_for_kbit_training`` upcasts everything else (embeddings, lm_head, norms) to fp32.
-- LoRA A/B are fp32 for every method: peft creates them in fp32 and, with ``autocast_adapter_dtype=True``
-  (the default of ``get_peft_model``), casts 16-bit adapters back to fp32; so grads are fp32 as well.
+- The base's linears take what the method says (``Method.linear_bytes``: 16-bit, or packed codes plus their
+  scales). Embeddings, lm_head and norms take what the precision policy says (``harness.precision``): fp32
+  under ``recipe`` and ``fp32-adapters``; under ``native``, fp32 for a quantized base
+  (``prepare_model_for_kbit_training``) and ``compute_dtype`` for a 16-bit one.
+- LoRA A/B: ``compute_dtype`` under ``recipe`` (trl's cast, applied to every method), fp32 under
+  ``fp32-adapters``; under ``native``, 16-bit for a quantized base and fp32 for a 16-bit one.
 - Training runs under autocast in ``compute_dtype`` (Trainer ``bf16=True``), which keeps 16-bit copies of
-  the fp32 LoRA weights for the step (``autocast=False`` models a plain loop without it).
-- 4-bit bits/param come from ``settings.blocksize``; pass ``bits_per_param`` where loading used another
-  block size (transformers loads at bitsandbytes' default, 64) or where it was measured.
+  fp32 LoRA weights for the step (``autocast=False`` models a plain loop without it).
+- Quantized bits/param come from the method and ``settings.blocksize``; pass ``bits_per_param`` where it
+  was measured.
 """
 
 from __future__ import annotations
@@ -18,27 +20,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from harness import precision
 from harness.methods import get as get_method
 from harness.presets import Preset, linear_shapes, param_count
 from harness.spec import Settings
 
 GIB = 2**30
 CONTEXT_GIB = 0.5  # CUDA context + cuBLAS workspace: seen by NVML, not by torch's allocator
-NESTED_BLOCKSIZE = 256  # bitsandbytes' double quantization groups 256 absmax values per fp32 constant
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages only optimizer states of tensors with >= 1e5 elements
-MIN_8BIT_NUMEL = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep 32-bit optimizer states
+PAGED_MIN_NUMEL = 100_000  # paged optimizers page only the states of tensors with >= 1e5 elements
+MIN_8BIT_NUMEL = 4096  # the 8-bit optimizer's min_8bit_size: smaller tensors keep 32-bit states
 OPTIM_8BIT_BLOCK = 256  # block size of the 8-bit optimizer's fp32 absmax statistics
 PROJ_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 SAME_INPUT = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}  # shared inputs
-
-
-def bits_per_param_4bit(blocksize: int = 64, double_quant: bool = False,
-                        nested_blocksize: int = NESTED_BLOCKSIZE) -> float:
-    """Storage bits per weight of a bitsandbytes 4-bit tensor: 4-bit codes plus its absmax constants."""
-    if not double_quant:
-        return 4 + 32 / blocksize  # one fp32 absmax per block
-    return 4 + 8 / blocksize + 32 / (blocksize * nested_blocksize)  # uint8 absmax + fp32 per 256 of them
 
 
 @dataclass(frozen=True)
@@ -46,8 +40,8 @@ class Estimate:
     """Predicted peak memory of one training step, by term, in GiB."""
 
     weights_gib: float  # base model: quantized linears at bits_per_param, the rest at its stored dtype
-    lora_gib: float  # LoRA A/B parameters (fp32)
-    gradients_gib: float  # LoRA gradients only: the base is frozen
+    lora_gib: float  # LoRA A/B parameters (in the dtype the precision policy gives them)
+    gradients_gib: float  # LoRA gradients only (the adapters' dtype): the base is frozen
     optimizer_gib: float  # AdamW moments of the LoRA parameters (all of them, paged or not)
     optimizer_paged_gib: float  # the part in CUDA managed memory (paged optimizers): invisible to torch
     activations_gib: float  # tensors saved for backward at the step's peak, logits buffers included
@@ -97,10 +91,13 @@ def lora_tensors(preset: Preset, settings: Settings, num_layers: int | None = No
     return one_layer * layers
 
 
-def optimizer_bytes(numel: int, optimizer: str) -> int:
-    """AdamW state bytes of one tensor: fp32 m and v, or 8-bit blockwise m and v with fp32 absmax."""
+def optimizer_bytes(numel: int, optimizer: str, param_bytes: int = 4) -> int:
+    """AdamW state bytes of one tensor: m and v in the parameter's dtype (torch), fp32 (paged 32-bit), or
+    8-bit blockwise with fp32 absmax (paged 8-bit; small tensors keep fp32 states)."""
     if optimizer == "paged_adamw_8bit" and numel >= MIN_8BIT_NUMEL:
         return 2 * numel + 2 * 4 * math.ceil(numel / OPTIM_8BIT_BLOCK)
+    if optimizer == "adamw_torch":
+        return 2 * param_bytes * numel
     return 8 * numel
 
 
@@ -132,12 +129,12 @@ def activation_bytes_per_token(preset: Preset, settings: Settings, *, vocab_size
     lora_in = e if autocast else 4  # saved input of lora_A (peft casts x to the fp32 adapter dtype)
     # dropout: CUDA's fused kernel saves a bool mask, the CPU path a noise tensor in the input's fp32
     mask = 0 if settings.lora_dropout == 0 else (1 if device.startswith("cuda") else 4)
-    att = 4 if method.is_4bit and not autocast else e  # dtype of q, k, v reaching attention
-    mlp = 4 if method.is_4bit else e  # Linear4bit casts its output back to the fp32 residual stream
+    att = 4 if method.quantized and not autocast else e  # dtype of q, k, v reaching attention
+    mlp = 4 if method.quantized else e  # Linear4bit casts its output back to the fp32 residual stream
     norms = 2 * (4 * h + 4)
     # Without autocast or dropout, peft hands a 4-bit base's fp32 input to lora_A uncopied: projections
     # reading the same tensor (q/k/v, gate/up) then share one saved input.
-    shared = method.is_4bit and not autocast and mask == 0
+    shared = method.quantized and not autocast and mask == 0
     saved_inputs = {}  # one entry per distinct tensor saved as lora_A's input -> its in_features
     for p in targets(settings):
         key = SAME_INPUT.get(p, p) if shared else p
@@ -150,7 +147,7 @@ def activation_bytes_per_token(preset: Preset, settings: Settings, *, vocab_size
         attn = att * (2 * h + 2 * kv) + 4 * a
     else:
         raise ValueError(f"attn_impl {attn_impl!r}: expected 'sdpa' or 'eager'")
-    stream = 4 if method.is_4bit else e  # residual stream: fp32 embeddings/norms of a 4-bit base
+    stream = 4 if method.quantized else e  # residual stream: fp32 embeddings/norms of a 4-bit base
     return {
         "layer": norms + lora + attn + 3 * mlp * i,  # saved by one decoder layer
         "layer_input": stream * h,  # what gradient checkpointing keeps of a layer
@@ -169,16 +166,16 @@ def estimate(preset: Preset, settings: Settings, *, vocab_size: int | None = Non
     e = DTYPE_BYTES[settings.compute_dtype]
     counts = param_count(preset, vocab_size=vocab, num_layers=layers)
     rest = counts["embed"] + counts["lm_head"] + counts["norm"]  # never quantized
-    if method.is_4bit:
-        bpp = bits_per_param if bits_per_param is not None else bits_per_param_4bit(
-            settings.blocksize, method.double_quant)
-        weights = counts["linear"] * bpp / 8 + rest * 4  # prepare_model_for_kbit_training: fp32 rest
-    else:
-        bpp = bits_per_param if bits_per_param is not None else 8.0 * e
-        weights = counts["linear"] * bpp / 8 + rest * e
+    shapes = [shape for shape in linear_shapes(preset).values()] * layers
+    linear = method.linear_bytes(shapes, settings)
+    if bits_per_param is not None:  # measured elsewhere
+        linear = counts["linear"] * bits_per_param / 8
+    bpp = 8 * linear / counts["linear"]
+    weights = linear + rest * precision.unquantized_bytes(settings.precision, method.quantized, e)
+    a = precision.adapter_bytes(settings.precision, method.quantized, e)
     tensors = lora_tensors(preset, settings, layers)
     trainable = sum(tensors)
-    optim = [optimizer_bytes(n, settings.optimizer) for n in tensors]
+    optim = [optimizer_bytes(n, settings.optimizer, a) for n in tensors]
     paged = sum(b for n, b in zip(tensors, optim, strict=True) if n >= PAGED_MIN_NUMEL) \
         if settings.optimizer.startswith("paged_") and device.startswith("cuda") else 0
 
@@ -193,12 +190,12 @@ def estimate(preset: Preset, settings: Settings, *, vocab_size: int | None = Non
         act = layers * per["layer"] + max(per["loss"], per["backward"])
 
     largest = max(o * i for o, i in linear_shapes(preset).values())
-    dequant = largest * e if method.is_4bit else 0  # bitsandbytes dequantizes one weight per matmul
-    copies = trainable * e if autocast and e < 4 else 0  # autocast's cached 16-bit LoRA weights
+    dequant = largest * e if method.quantized else 0  # a quantized linear dequantizes one weight per matmul
+    copies = trainable * e if autocast and e < a else 0  # autocast's cached 16-bit copies of fp32 LoRA weights
     return Estimate(
         weights_gib=weights / GIB,
-        lora_gib=trainable * 4 / GIB,
-        gradients_gib=trainable * 4 / GIB,
+        lora_gib=trainable * a / GIB,
+        gradients_gib=trainable * a / GIB,
         optimizer_gib=sum(optim) / GIB,
         optimizer_paged_gib=paged / GIB,
         activations_gib=act * tokens / GIB,

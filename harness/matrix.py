@@ -74,6 +74,9 @@ def expand(suite: Suite, path: Path | str) -> list[Case]:
             train=str((base / suite.data.train).resolve()),
             tokenizer_corpus=[str((base / p).resolve()) for p in suite.data.tokenizer_corpus],
         )
+    ev = suite.eval
+    if ev is not None and ev.heldout is not None:
+        ev = ev.model_copy(update={"heldout": str((base / ev.heldout).resolve())})
     model = suite.model
     if model.source == "local":
         model = model.model_copy(update={"path": str((base / model.path).resolve())})
@@ -98,7 +101,7 @@ def expand(suite: Suite, path: Path | str) -> list[Case]:
                 stages=tuple(suite.stages),
                 model=model,
                 data=data,
-                eval=suite.eval,
+                eval=ev,
                 task_dir=str((base / "tasks").resolve()),
                 settings=settings,
                 axes=axes,

@@ -5,16 +5,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness import methods, presets
 from harness.matrix import Case
-from harness.stages import Source
 
 # Synthetic presets up to this size get a real 16-bit checkpoint on disk; larger shapes are built on the GPU.
 MAX_MATERIALIZED_PARAMS = 2_000_000_000
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+@dataclass
+class Source:
+    """A model made ready for the stages: a 16-bit checkpoint folder (or none, for shapes built on the device)."""
+
+    checkpoint: Path | None  # HF folder with config + safetensors, loadable with from_pretrained
+    tokenizer: Path | None  # folder loadable with AutoTokenizer.from_pretrained
+    preset: Any | None  # harness.presets.Preset for synthetic sources, else None
+    info: dict[str, Any] = field(default_factory=dict)  # source, preset, parameter counts, hash
 
 
 def cache_dir() -> Path:
@@ -184,17 +194,13 @@ def load_tokenizer(source: Source):
 
 
 def load_base(source: Source, method_name: str, compute_dtype: str, quant_storage: str, device: str):
-    """The base of a method: 16-bit for lora-bf16, 4-bit via ``BitsAndBytesConfig`` for the QLoRA methods."""
+    """The base as the method holds it (``from_pretrained`` with the method's config, or built on the device)."""
     from transformers import AutoModelForCausalLM
 
     if source.checkpoint is None:
         return build_on_device(source, method_name, compute_dtype, device)
     method = methods.get(method_name)
-    dtype = methods.torch_dtype(compute_dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    qconfig = methods.bnb_config(method, compute_dtype, quant_storage)
-    if qconfig is not None:
-        kwargs["quantization_config"] = qconfig
+    kwargs: dict[str, Any] = method.from_pretrained_kwargs(compute_dtype, quant_storage)
     kwargs["device_map"] = device_map(device)
     model = AutoModelForCausalLM.from_pretrained(source.checkpoint, **kwargs)
     source.info["device_map"] = sorted({str(v) for v in (getattr(model, "hf_device_map", None) or {"": "cpu"}).values()})
@@ -211,12 +217,11 @@ def device_map(device: str):
 
 
 def build_on_device(source: Source, method_name: str, compute_dtype: str, device: str, seed: int = 0):
-    """A synthetic preset built straight on the device, one linear at a time: 4-bit for the QLoRA methods.
+    """A synthetic preset built straight on the device, one linear at a time, in the method's stored form.
 
     No full 16-bit copy exists in host memory or on disk, so a 70B-shaped QLoRA base needs only its 4-bit
     bytes. Weights are N(0, initializer_range) from a seeded generator: the same weights on every build.
     """
-    import bitsandbytes as bnb
     import torch
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -236,26 +241,23 @@ def build_on_device(source: Source, method_name: str, compute_dtype: str, device
 
     for _parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, torch.nn.Linear) or name == "lm_head" or not method.is_4bit:
+            if not isinstance(child, torch.nn.Linear) or name == "lm_head":
                 continue
-            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=dtype, compress_statistics=method.double_quant,
-                                      quant_type=method.quant_type, device="meta")
             weight = rand(child.out_features, child.in_features)
-            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=method.quant_type,
-                                             compress_statistics=method.double_quant, blocksize=64).to(target)
-            del weight  # only the 4-bit copy stays
-            setattr(parent, name, layer)
+            layer = method.build_linear(child, weight, compute_dtype, target)
+            if layer is None:  # kept 16-bit: every method's base is drawn from the same sequence of numbers
+                set_module_tensor_to_device(child, "weight", target, value=weight)
+            else:
+                setattr(parent, name, layer)
+            del weight  # only the stored copy stays
     for name, param in list(model.named_parameters()):
-        if param.device.type == "meta":  # embeddings, norms, lm_head, and every linear of a 16-bit base
+        if param.device.type == "meta":  # embeddings, norms, lm_head
             value = torch.ones(param.shape, dtype=dtype, device=target) if "norm" in name else rand(*param.shape)
             set_module_tensor_to_device(model, name, target, value=value)
     for name, buf in list(model.named_buffers()):
         if buf.device != target:
             set_module_tensor_to_device(model, name, target, value=buf.to(target))
-    if method.is_4bit:
-        model.is_loaded_in_4bit = True  # what from_pretrained sets; prepare_model_for_kbit_training reads it
-        model.is_quantized = True
+    method.mark_built(model)
     model.hf_device_map = {"": target.index if target.type == "cuda" else "cpu"}
     source.info["device_map"] = [str(target)]  # built on one device: multi-GPU placement is for checkpoints
     return model

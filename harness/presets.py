@@ -45,7 +45,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        # CPU tier: Llama architecture, every linear dim a multiple of 64 (bitsandbytes' CPU inference path
+        # CPU tier: Llama architecture, every linear dim a multiple of 64 (the 4-bit CPU inference path
         # asserts it), head_dim 64 like the real models.
         Preset("tiny-llama", "llama", 256, 768, 4, 4, 4, 2048, 512, 10000.0, 1e-5, "this project (CPU tier)"),
         Preset("llama-2-7b", "llama", 4096, 11008, 32, 32, 32, 32000, 4096, 10000.0, 1e-5,

@@ -46,8 +46,10 @@ class Settings(Strict):
 
     method: str = "qlora-nf4"
     # quantization
-    blocksize: int = 64  # bitsandbytes block size of the quant stage (loading uses bitsandbytes' default, 64)
+    blocksize: int = 64  # 4-bit block size of the quant stage (loading a 4-bit model always uses 64)
     compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # what norms, embeddings, lm_head and adapters hold in training, the same for every method (precision.py)
+    precision: Literal["recipe", "fp32-adapters", "native"] = "recipe"
     quant_storage: Literal["uint8", "bf16", "fp16", "fp32"] = "uint8"
     weight_source: Literal[WEIGHT_SOURCES] = "model"  # quant stage: the model's layers or synthetic tensors
     # training
@@ -108,6 +110,7 @@ ID_PREFIX = {
     "seed": "seed", "eval_limit": "limit", "eval_batch_size": "ebs", "memory_limit_gib": "mem",
     "gradient_checkpointing": "gc", "packing": "pack", "merge": "merge", "quant_storage": "store",
     "target_modules": "", "compute_dtype": "", "optimizer": "", "weight_source": "", "method": "",
+    "precision": "",
 }
 
 
@@ -141,6 +144,7 @@ class DataSpec(Strict):
 class EvalSpec(Strict):
     tasks: list[str] = Field(min_length=1)  # shipped (suites/tasks/*.yaml) or installed lm-eval tasks
     num_fewshot: int = Field(0, ge=0)
+    heldout: str | None = None  # JSONL of held-out ``text`` rows (relative to the suite): merge fidelity probe
 
 
 class MetricExpectation(Strict):
@@ -352,6 +356,8 @@ def _check_semantics(path: Path, suite: Suite) -> None:
         ]:
             if not (base / rel).is_file():
                 raise SpecError(path, where, f"data file not found: {base / rel}")
+    if suite.eval is not None and suite.eval.heldout is not None and not (base / suite.eval.heldout).is_file():
+        raise SpecError(path, "eval.heldout", f"data file not found: {base / suite.eval.heldout}")
     if suite.eval is not None:
         task_dir = base / "tasks"
         for i, task in enumerate(suite.eval.tasks):

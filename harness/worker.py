@@ -45,9 +45,9 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
     """All of a case's stages in this process; the record says passed (ran), oom or error."""
     import torch
 
-    from harness import models
+    from harness import methods, models
     from harness.measure import machine, memory
-    from harness.stages import Context, StageOutput
+    from harness.stages import Context, Inputs, StageOutput
 
     work_dir.mkdir(parents=True, exist_ok=True)
     started = utcnow()
@@ -65,27 +65,29 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
             )
         stage_modules = [importlib.import_module(STAGE_MODULES[s]) for s in case.stages]
         if case.settings.memory_limit_gib:
-            import bitsandbytes  # noqa: F401 - load the libraries before the cap, so the cap meets the model
-            import peft  # noqa: F401
-            import transformers  # noqa: F401
-
+            # load the libraries before the cap, so the cap meets the model and not a library's mapping
+            for name in ("transformers", "peft", *methods.get(case.method).packages):
+                importlib.import_module(name)
             _limit_memory(case.settings.memory_limit_gib)
         t = time.perf_counter()
         source = models.prepare(case)
         record.timings_s["prepare"] = time.perf_counter() - t
         record.model = source.info
-        ctx = Context(case=case, source=source, device=device, run_dir=run_dir, work_dir=work_dir,
-                      shared={"sampler": sampler})
+        ctx = Context(case=case, source=source, device=device, run_dir=run_dir, work_dir=work_dir, sampler=sampler)
         _estimate(ctx, record)
+        inputs = Inputs()
         for stage, module in zip(case.stages, stage_modules, strict=False):
             print(f"[{case.case_id}] {stage} ...", flush=True)
             t = time.perf_counter()
-            out: StageOutput = module.run(ctx)
+            out: StageOutput = module.run(ctx, inputs)
+            inputs = inputs.updated(out)
             record.timings_s[stage] = time.perf_counter() - t
             record.metrics.update(out.metrics)
             record.tables.update(out.tables)
             record.series.update(out.series)
             record.artifacts.update(out.artifacts)
+            if out.failures and record.status == "passed":
+                record.status, record.message = "failed", "; ".join(out.failures)
             print(f"[{case.case_id}] {stage} done in {record.timings_s[stage]:.1f} s", flush=True)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a record
         (work_dir / "traceback.txt").write_text(traceback.format_exc())

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.estimate import GIB, bits_per_param_4bit, estimate, fits
+from harness import methods
+from harness.estimate import GIB, estimate, fits
 from harness.presets import PRESETS, param_count
 from harness.spec import Settings
 
@@ -25,11 +26,14 @@ def settings(**kw) -> Settings:
 
 
 def test_bits_per_param_follow_the_qlora_paper_exactly():
+    def bits_per_param_4bit(blocksize, dq):
+        name = "qlora-nf4-dq" if dq else "qlora-nf4"
+        return methods.get(name).bits_per_param(Settings(method=name, blocksize=blocksize))
+
     assert bits_per_param_4bit(64, True) == 4 + 8 / 64 + 32 / (64 * 256)  # 4.126953125
     assert bits_per_param_4bit(64, False) == 4.5  # 4 + 32 / 64
     assert bits_per_param_4bit(64, False) - bits_per_param_4bit(64, True) == pytest.approx(0.373, abs=1e-3)
     assert bits_per_param_4bit(128, False) == 4.25
-    assert bits_per_param_4bit(64, True, nested_blocksize=128) == 4 + 8 / 64 + 32 / (64 * 128)
 
 
 def test_param_count_of_llama_2_7b_is_the_published_6_74b():
@@ -49,18 +53,27 @@ def test_weights_of_llama_2_7b_by_hand():
     # lora-bf16: every one of the 6,738,415,616 parameters in 2 bytes = 13,476,831,232 B.
     bf16 = estimate(L7, settings(method="lora-bf16"))
     assert bf16.bits_per_param == 16.0
-    assert bf16.weights_gib == pytest.approx(13_476_831_232 / GIB, rel=1e-12)  # 12.551 GiB
+    # The default precision policy (recipe) holds its embeddings, norms and lm_head in fp32 as the 4-bit
+    # bases do: 6,476,005,376 * 2 + 262,410,240 * 4 = 14,001,651,712 B.
+    assert bf16.weights_gib == pytest.approx(14_001_651_712 / GIB, rel=1e-12)  # 13.040 GiB
+    native = estimate(L7, settings(method="lora-bf16", precision="native"))
+    assert native.weights_gib == pytest.approx(13_476_831_232 / GIB, rel=1e-12)  # 12.551 GiB
     # fp4 stores exactly what nf4 stores
     assert estimate(L7, settings(method="qlora-fp4-dq")).weights_gib == dq.weights_gib
 
 
 def test_lora_gradients_and_adamw_of_llama_2_7b_by_hand():
+    # the default policy (recipe): bf16 adapters as trl casts them; torch's AdamW keeps m and v in their dtype
     est = estimate(L7, settings(method="qlora-nf4", optimizer="adamw_torch"))
     assert est.trainable_params == LORA_7B
-    assert est.lora_gib == pytest.approx(LORA_7B * 4 / GIB)  # fp32 adapters: 159,907,840 B
-    assert est.gradients_gib == pytest.approx(LORA_7B * 4 / GIB)  # fp32 gradients, frozen base has none
-    assert est.optimizer_gib == pytest.approx(LORA_7B * 8 / GIB)  # fp32 m and v: 319,815,680 B
+    assert est.lora_gib == pytest.approx(LORA_7B * 2 / GIB)  # bf16 adapters: 79,953,920 B
+    assert est.gradients_gib == pytest.approx(LORA_7B * 2 / GIB)  # bf16 gradients, frozen base has none
+    assert est.optimizer_gib == pytest.approx(LORA_7B * 4 / GIB)  # bf16 m and v: 159,907,840 B
     assert est.optimizer_paged_gib == 0
+    est = estimate(L7, settings(method="qlora-nf4", optimizer="adamw_torch", precision="fp32-adapters"))
+    assert est.lora_gib == pytest.approx(LORA_7B * 4 / GIB)  # fp32 adapters: 159,907,840 B
+    assert est.gradients_gib == pytest.approx(LORA_7B * 4 / GIB)
+    assert est.optimizer_gib == pytest.approx(LORA_7B * 8 / GIB)  # fp32 m and v: 319,815,680 B
 
 
 def test_paged_optimizers_by_hand():

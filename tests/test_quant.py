@@ -11,14 +11,23 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from harness import presets  # noqa: E402
+from harness import methods, presets  # noqa: E402
 from harness.matrix import expand  # noqa: E402
-from harness.spec import PROJECTIONS, Suite  # noqa: E402
+from harness.spec import PROJECTIONS, Settings, Suite  # noqa: E402
 from harness.stages import Context, Source, quant  # noqa: E402
 
 FOUR_BIT = ["qlora-nf4", "qlora-nf4-dq", "qlora-fp4", "qlora-fp4-dq"]
 METHODS = ["lora-bf16", *FOUR_BIT]
 DQ_BITS_64 = 4 + 8 / 64 + 32 / (64 * 256)  # QLoRA paper: NF4 + DQ at blocksize 64, nested blocksize 256
+
+
+def quantize(w, quant_type, double_quant, blocksize=64, compute=torch.bfloat16, storage=torch.uint8):
+    """The 4-bit method's round trip of ``w``: (Ŵ, Storage, quantize_s, dequantize_s)."""
+    names = {torch.uint8: "uint8", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    name = f"qlora-{quant_type}{'-dq' if double_quant else ''}"
+    settings = Settings(method=name, blocksize=blocksize, compute_dtype=names[compute], quant_storage=names[storage])
+    rt = methods.get(name).round_trip(w, settings)
+    return rt.w_hat, rt.storage, rt.quantize_s, rt.dequantize_s
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -33,7 +42,7 @@ def normal() -> torch.Tensor:
 
 def rmse(qt: str, dq: bool, w: torch.Tensor, blocksize: int = 64) -> float:
     """RMSE of bitsandbytes' round trip of w (fp32 compute, so only the 4-bit error counts)."""
-    w_hat, *_ = quant.quantize(w, qt, dq, blocksize, torch.float32)
+    w_hat, *_ = quantize(w, qt, dq, blocksize, torch.float32)
     return quant.ErrorStats.of(w, w_hat).metrics()["rmse"]
 
 
@@ -42,8 +51,8 @@ def rmse(qt: str, dq: bool, w: torch.Tensor, blocksize: int = 64) -> float:
 @pytest.mark.parametrize("qt", ["nf4", "fp4"])
 def test_bits_per_param_at_blocksize_64_is_exact(qt):
     w = randn(256, 1024)  # 262144 = 16 * 64 * 256 elements: no padding anywhere
-    _, plain, *_ = quant.quantize(w, qt, False, 64)
-    _, dq, *_ = quant.quantize(w, qt, True, 64)
+    _, plain, *_ = quantize(w, qt, False, 64)
+    _, dq, *_ = quantize(w, qt, True, 64)
     assert plain.bits_per_param == 4.5
     assert dq.bits_per_param == DQ_BITS_64 == 4.126953125
     assert plain.bits_per_param - dq.bits_per_param == pytest.approx(0.373, abs=1e-3)  # what DQ saves
@@ -56,12 +65,12 @@ def test_bits_per_param_at_blocksize_64_is_exact(qt):
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 2048, 4096])
 def test_bits_per_param_formula_over_blocksizes(blocksize):
     w = randn(1024, 1024)  # a multiple of 4096 * 256
-    assert quant.quantize(w, "nf4", False, blocksize)[1].bits_per_param == 4 + 32 / blocksize
-    assert quant.quantize(w, "nf4", True, blocksize)[1].bits_per_param == 4 + 8 / blocksize + 32 / (blocksize * 256)
+    assert quantize(w, "nf4", False, blocksize)[1].bits_per_param == 4 + 32 / blocksize
+    assert quantize(w, "nf4", True, blocksize)[1].bits_per_param == 4 + 8 / blocksize + 32 / (blocksize * 256)
 
 
 def test_padding_shows_in_bits_per_param():
-    _, st, *_ = quant.quantize(randn(100, 100), "nf4", True, 64)  # 10000 elements: 157 blocks, 1 nested block
+    _, st, *_ = quantize(randn(100, 100), "nf4", True, 64)  # 10000 elements: 157 blocks, 1 nested block
     assert (st.packed_bytes, st.absmax_bytes, st.nested_absmax_bytes) == (5000, 157, 4)
     assert st.bits_per_param == 8 * (5000 + 157 + 4) / 10000 > DQ_BITS_64
 
@@ -69,16 +78,16 @@ def test_padding_shows_in_bits_per_param():
 def test_quant_storage_dtype_keeps_the_bytes():
     w = randn(256, 1024)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        w_hat, st, *_ = quant.quantize(w, "nf4", False, 64, torch.bfloat16, dtype)
+        w_hat, st, *_ = quantize(w, "nf4", False, 64, torch.bfloat16, dtype)
         assert st.packed_bytes == 131072 and st.bits_per_param == 4.5
-        assert torch.equal(w_hat, quant.quantize(w, "nf4", False, 64)[0])
+        assert torch.equal(w_hat, quantize(w, "nf4", False, 64)[0])
 
 
 # --- error metrics -------------------------------------------------------------------------------------
 
 def test_error_metrics_match_an_independent_computation():
     w = randn(64, 192, seed=3) * 0.02
-    w_hat, *_ = quant.quantize(w, "nf4", True, 64)
+    w_hat, *_ = quantize(w, "nf4", True, 64)
     got = quant.ErrorStats.of(w, w_hat).metrics()
     a, b = w.double().numpy().ravel(), w_hat.double().numpy().ravel()
     want = {

@@ -11,13 +11,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "lm_eval", "datasets", "accelerate",
-            "nvidia-ml-py", "qlora-harness")
+PACKAGES = ("torch", "transformers", "peft", "trl", "lm_eval", "datasets", "accelerate", "nvidia-ml-py",
+            "qlora-harness")  # and every package a registered method loads (harness.methods.packages())
 
 
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
+    from harness.methods import packages
+
+    for name in (*PACKAGES[:3], *packages(), *PACKAGES[3:]):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

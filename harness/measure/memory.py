@@ -156,9 +156,9 @@ def reset_torch_peaks() -> None:
 
 
 def managed_bytes(optimizer: Any) -> int:
-    """Bytes of CUDA managed (unified) memory held by a bitsandbytes paged optimizer's states.
+    """Bytes of CUDA managed (unified) memory held by a paged optimizer's states.
 
-    torch's allocator never sees these: bitsandbytes allocates them with cudaMallocManaged and marks each such
+    torch's allocator never sees these: the 8-bit optimizer library allocates them with cudaMallocManaged and marks each such
     tensor ``is_paged``.
     """
     total = 0

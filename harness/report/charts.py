@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
+from harness import methods
 from harness.records import Record
 from harness.report.data import case_label
 
@@ -30,16 +31,8 @@ MEASURED_PEAKS = (
     ("train.peak_rss_gib", "measured: process RSS", "#756bb1"),
 )
 PARETO_X = ("train.peak_reserved_gib", "train.nvml_peak_gib", "train.peak_allocated_gib", "train.peak_rss_gib")
-METHOD_COLOURS = {
-    "lora-bf16": "#4c72b0",
-    "qlora-nf4": "#55a868",
-    "qlora-nf4-dq": "#1b7837",
-    "qlora-fp4": "#dd8452",
-    "qlora-fp4-dq": "#b3501b",
-}
 OTHER_COLOURS = ("#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash")
-PAPER_BITS = ((4.127, "QLoRA paper: 4-bit + DQ, 4.127"), (4.5, "4-bit without DQ, 4.5"))
 HEIGHT = 360  # px of every figure; the chart's title is HTML above it
 LAYOUT = dict(
     template="plotly_white",
@@ -89,7 +82,15 @@ def _many_lines(fig: go.Figure) -> None:
 
 
 def colour(method: str, i: int = 0) -> str:
-    return METHOD_COLOURS.get(method, OTHER_COLOURS[i % len(OTHER_COLOURS)])
+    """The method's own colour; a method the registry does not know (an old record) takes one by position."""
+    known = methods.METHODS.get(method)
+    return known.colour if known else OTHER_COLOURS[i % len(OTHER_COLOURS)]
+
+
+def reference_bits(shown: set[str]) -> list[tuple[float, str]]:
+    """Published bits/param of the methods shown (the QLoRA paper's 4.127 and 4.5), once each."""
+    refs = {v: label for m in shown if m in methods.METHODS for v, label in methods.get(m).reference_bits}
+    return sorted(refs.items())
 
 
 def _value(rec: Record, name: str) -> float | None:
@@ -213,7 +214,7 @@ def bits_chart(records: list[Record]) -> Chart | None:
         x=[case_label(r.case_id) for r in recs], y=y, marker_color=[colour(r.method) for r in recs], showlegend=False,
         text=[f"{v:.3f}" for v in y] if len(y) <= 10 else None, textposition="outside", hovertemplate="%{x}<br>%{y:.4f} bits<extra></extra>",
     )
-    for (value, label), dash in zip(PAPER_BITS, ("dot", "dash"), strict=True):
+    for (value, label), dash in zip(reference_bits({r.method for r in recs}), ("dot", "dash", "dashdot"), strict=False):
         fig.add_hline(y=value, line_dash=dash, line_color="#888", line_width=1)
         fig.add_scatter(x=[None], y=[None], mode="lines", name=label, line=dict(color="#888", dash=dash, width=1))
     fig.update_yaxes(range=[0, max(y + [4.5]) * 1.15])

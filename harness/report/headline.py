@@ -10,6 +10,10 @@ from harness.records import Record, iter_records
 
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"
 
+
+def _order(method: str) -> int:
+    return list(METHODS).index(method) if method in METHODS else len(METHODS)
+
 # (column, metric, format); "peak" picks the best memory figure the run has (allocator on a GPU, RSS on the CPU)
 COLUMNS = [
     ("peak allocated GiB", "train.peak_allocated_gib", "{:.2f}"),
@@ -46,7 +50,7 @@ def _cell(r: Record, metric: str | None, fmt: str) -> str:
 def table(run_dir: Path, suite: str = "smoke") -> str:
     """Markdown: the methods of one suite of a run, in the usual order, only columns the run measured."""
     records = sorted((r for r in iter_records(run_dir) if r.suite == suite),
-                     key=lambda r: list(METHODS).index(r.method))
+                     key=lambda r: _order(r.method))
     cols = [c for c in COLUMNS if any(_cell(r, c[1], c[2]) for r in records)]
     lines = ["| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in records:
@@ -55,9 +59,9 @@ def table(run_dir: Path, suite: str = "smoke") -> str:
     gpu = (env.get("gpu") or {}).get("name") or f"CPU: {(env.get('cpu') or {}).get('name')}"
     v = env.get("versions", {})
     lines.append("")
-    lines.append(f"Measured on {gpu}; torch {v.get('torch')}, transformers {v.get('transformers')}, peft "
-                 f"{v.get('peft')}, bitsandbytes {v.get('bitsandbytes')}, trl {v.get('trl')}, lm-eval "
-                 f"{v.get('lm_eval')}; run `{records[0].run_id if records else ''}`, suite `{suite}`.")
+    versions = ", ".join(f"{k.replace('_', '-')} {ver}" for k, ver in v.items()
+                         if k not in ("nvidia-ml-py", "qlora-harness", "datasets", "accelerate") and ver)
+    lines.append(f"Measured on {gpu}; {versions}; run `{records[0].run_id if records else ''}`, suite `{suite}`.")
     return "\n".join(lines)
 
 

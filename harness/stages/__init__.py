@@ -1,22 +1,37 @@
-"""Stages take a case (and what earlier stages produced) and return metrics; nothing reaches back up."""
+"""Stages take a case and the typed values earlier stages handed on, and return metrics; nothing reaches back.
+
+The worker runs a case's stages in order. Each stage is a module with ``run(ctx, inputs) -> StageOutput``;
+what it hands to the next stages is a typed field of its output (``adapter``), which the worker folds into
+the next stage's :class:`Inputs`. No stage imports another stage's helpers: what they share lives here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from harness.matrix import Case
+from harness.models import Source
 
 
-@dataclass
-class Source:
-    """A model made ready for the stages: a 16-bit checkpoint folder (or none, for shapes built on the GPU)."""
+@dataclass(frozen=True)
+class TrainedAdapter:
+    """What the train stage hands on: the saved adapter, the tokenizer it was trained with, the dtypes held."""
 
-    checkpoint: Path | None  # HF folder with config + safetensors, loadable with from_pretrained
-    tokenizer: Path | None  # folder loadable with AutoTokenizer.from_pretrained
-    preset: Any | None  # harness.presets.Preset for synthetic sources, else None
-    info: dict[str, Any] = field(default_factory=dict)  # source, preset, parameter counts, hash
+    path: Path  # a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+    tokenizer: Any  # a transformers tokenizer
+    dtypes: dict[str, str] = field(default_factory=dict)  # precision.held() at the first step
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The values earlier stages of this case handed on (None until a stage produced them)."""
+
+    adapter: TrainedAdapter | None = None
+
+    def updated(self, out: StageOutput) -> Inputs:
+        return replace(self, adapter=out.adapter) if out.adapter is not None else self
 
 
 @dataclass
@@ -26,7 +41,7 @@ class Context:
     device: str  # "cuda" or "cpu"
     run_dir: Path  # results/<run-id>/
     work_dir: Path  # results/<run-id>/work/<case file stem>/: adapters and other artifacts of this case
-    shared: dict[str, Any] = field(default_factory=dict)  # what earlier stages of this case handed on
+    sampler: Any = None  # harness.measure.memory.Sampler of this case's process
 
 
 @dataclass
@@ -35,3 +50,24 @@ class StageOutput:
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     series: dict[str, list[list[float]]] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)  # relative to run_dir
+    failures: list[str] = field(default_factory=list)  # reasons the case must fail (e.g. training diverged)
+    adapter: TrainedAdapter | None = None  # handed on to later stages
+
+
+def sync(device: str) -> None:
+    """Wait for queued device work so a host clock reads finished work."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def free(device: str) -> None:
+    """Drop unreferenced tensors and return cached device memory."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()

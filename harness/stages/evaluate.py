@@ -1,4 +1,10 @@
-"""The eval stage: lm-eval scores of the untrained base, the adapter, and the adapter merged into its base."""
+"""The eval stage: lm-eval scores of the untrained base, the adapter, and the adapter merged into its base.
+
+Scores are float32 log-likelihoods (lm-eval's ``softmax_dtype``; in bf16 a document's log-likelihood lands on
+a grid of 2). The merge goes into a freshly loaded base that has never run a forward: on the CPU a 4-bit
+linear repacks its weight in place on its first no-grad forward, and a merge into that weight would read
+garbage. The merged model's fidelity to the unmerged adapter is measured on held-out text.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from harness import methods
-from harness.stages import Context, StageOutput
+from harness.stages import Context, Inputs, StageOutput, free
 
 
 def prepare_tasks(task_dir: Path, tasks: list[str], out: Path) -> tuple[list[str], bool]:
@@ -43,7 +49,7 @@ def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float]:
     with tempfile.TemporaryDirectory(prefix="harness-tasks-") as tmp:
         _, need_installed = prepare_tasks(Path(ctx.case.task_dir), tasks, Path(tmp))
         manager = TaskManager(include_path=tmp, include_defaults=need_installed)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=s.eval_batch_size)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=s.eval_batch_size, softmax_dtype="float32")
         results = simple_evaluate(
             model=lm,
             tasks=tasks,
@@ -68,9 +74,8 @@ def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float]:
 
 def _base_key(ctx: Context) -> str:
     s = ctx.case.settings
-    method = methods.get(s.method)
-    parts = [ctx.source.info.get("fingerprint"), method.quant_type, method.double_quant, s.compute_dtype,
-             s.quant_storage, sorted(ctx.case.eval.tasks), ctx.case.eval.num_fewshot, s.eval_limit, s.seed]
+    parts = [ctx.source.info.get("fingerprint"), s.method, s.compute_dtype, s.quant_storage,
+             sorted(ctx.case.eval.tasks), ctx.case.eval.num_fewshot, s.eval_limit, s.seed]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
@@ -118,16 +123,79 @@ def _deltas(metrics: dict[str, float], flat: dict[str, float], other: str, suffi
         metrics[f"eval.{task}.{metric}_{suffix}"] = sign * d
 
 
-def run(ctx: Context) -> StageOutput:
+def probe_texts(ctx: Context, limit: int = 32) -> list[str]:
+    """Held-out text for merge fidelity: the suite's ``eval.heldout`` JSONL (``text`` rows), first ``limit``."""
+    path = ctx.case.eval.heldout
+    if not path:
+        return []
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r["text"] for r in rows if r.get("text")][:limit]
+
+
+def next_token_logprobs(model, tokenizer, texts: list[str], device: str, max_length: int = 128):
+    """float32 log-probabilities of the next token at every real position of ``texts``: (tokens, vocab)."""
+    import torch
+
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    enc = {k: v.to(device) for k, v in enc.items()}
+    with torch.no_grad():
+        logits = model(**enc).logits.float()
+    mask = enc["attention_mask"].bool()
+    return torch.log_softmax(logits[mask], dim=-1)
+
+
+def agreement(reference, other) -> dict[str, float]:
+    """KL(reference ‖ other) per token (nats), top-1 agreement, and max |Δ log p| of two next-token tables."""
+    import torch
+
+    kl = torch.nn.functional.kl_div(other, reference, log_target=True, reduction="none").sum(-1)
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "top1_agreement": float((reference.argmax(-1) == other.argmax(-1)).float().mean()),
+        "max_abs_logprob_diff": float((reference - other).abs().max()),
+    }
+
+
+def codes_changed(before: dict, after: dict) -> tuple[int, int]:
+    """(codes that differ, codes compared) between two ``Method.quantized_codes`` snapshots."""
+    changed = total = 0
+    for name, a in before.items():
+        if name in after:  # merge_and_unload hands back the base with its own module names
+            changed += int((a != after[name]).sum())
+            total += a.numel()
+    return changed, total
+
+
+def merge_fresh(ctx: Context, adapter: Path):
+    """The adapter merged into a freshly loaded base (no forward has run), and the codes it changed."""
     from peft import PeftModel
 
     from harness import models
-    from harness.stages.train import _free
 
     s = ctx.case.settings
+    method = methods.get(s.method)
+    base = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device)
+    before = method.quantized_codes(base)
+    t = time.perf_counter()
+    merged = method.merge(PeftModel.from_pretrained(base, adapter))
+    seconds = time.perf_counter() - t
+    after = method.quantized_codes(merged)
+    merged.eval()
+    return merged, seconds, codes_changed(before, after)
+
+
+def run(ctx: Context, inputs: Inputs) -> StageOutput:
+    from peft import PeftModel
+
+    from harness import models
+
+    if inputs.adapter is None:
+        raise ValueError("stage 'eval' needs the adapter of stage 'train'")
+    s = ctx.case.settings
     out = StageOutput()
-    tokenizer = ctx.shared.get("tokenizer") or models.load_tokenizer(ctx.source)
-    adapter = ctx.shared["adapter"]
+    tokenizer = inputs.adapter.tokenizer or models.load_tokenizer(ctx.source)
+    adapter = inputs.adapter.path
 
     base_flat, cached = base_scores(ctx, tokenizer)
     out.metrics.update(_prefixed(base_flat, "base"))
@@ -140,19 +208,23 @@ def run(ctx: Context) -> StageOutput:
     out.metrics.update(_prefixed(flat, "adapter"))
     out.metrics["eval.adapter_s"] = seconds
     _deltas(out.metrics, flat, "base", "gain", +1)
+    texts = probe_texts(ctx) if s.merge else []
+    reference = next_token_logprobs(model, tokenizer, texts, ctx.device) if texts else None
+    del model, base
+    free(ctx.device)
 
     if s.merge:
-        t = time.perf_counter()
-        # for a 4-bit base peft dequantizes, adds the update and requantizes: the naive merge
-        merged = model.merge_and_unload()
-        merge_s = time.perf_counter() - t
+        merged, merge_s, (changed, total) = merge_fresh(ctx, adapter)
+        out.metrics["eval.merge_s"] = merge_s
+        if total:
+            out.metrics["eval.merge.codes_changed_pct"] = 100.0 * changed / total
+        if reference is not None:
+            other = next_token_logprobs(merged, tokenizer, texts, ctx.device)
+            out.metrics.update({f"eval.merge.{k}": v for k, v in agreement(reference, other).items()})
         mflat, seconds = score(merged, tokenizer, ctx)
         out.metrics.update(_prefixed(mflat, "merged"))
-        out.metrics["eval.merge_s"] = merge_s
         out.metrics["eval.merged_s"] = seconds
         _deltas(out.metrics, flat, "merged", "merge_delta", -1)
         del merged
-    del model, base
-    _free(ctx.device)
+    free(ctx.device)
     return out
-

@@ -1,14 +1,15 @@
-"""Quantization fidelity: bitsandbytes' NF4/FP4 round trip of every linear layer, its error and its storage.
+"""Quantization fidelity: each method's round trip of every linear layer, its error and its storage.
 
 For each quantizable projection W (q, k, v, o, gate, up, down of every decoder layer), one tensor at a time:
 
-* method: W -> compute_dtype -> ``bitsandbytes.functional.quantize_4bit`` -> ``dequantize_4bit`` = Ŵ, in the
-  compute dtype (the dtype the 4-bit layer's matmul sees). For ``lora-bf16``, Ŵ = W rounded to bf16.
-* references, in the same record: ``int4_ref`` (symmetric absmax int4, same blocksize, not bitsandbytes) and
+* method: W -> the method's stored form -> back to the compute dtype = Ŵ (``Method.round_trip``: for the
+  4-bit methods quantize_4bit/dequantize_4bit, the dtype the 4-bit layer's matmul sees; for ``lora-bf16``,
+  W rounded to bf16).
+* references, in the same record: ``int4_ref`` (symmetric absmax int4, same blocksize, written here) and
   ``bf16_floor`` (W rounded to bf16: the error every 16-bit method already has).
 
 Errors are measured against W in fp32 and pooled over elements (a layer weighs by its parameter count).
-Storage is counted from the tensors bitsandbytes returns, so double quantization's nested statistics show.
+Storage is counted from the tensors the quantizer returns, so double quantization's nested statistics show.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from harness import methods, presets
+from harness.methods import Storage
 from harness.spec import PROJECTIONS
-from harness.stages import Context, StageOutput
+from harness.stages import Context, Inputs, StageOutput
 
 INIT_STD = 0.02  # std of every synthetic distribution (Llama's initializer_range)
 STUDENT_T_DF = 3  # student_t: degrees of freedom (heavy tails, finite variance)
@@ -82,73 +83,8 @@ class ErrorStats:
         }
 
 
-@dataclass
-class Storage:
-    """Bytes of one stored weight; the fields add over tensors."""
-
-    n: int = 0  # parameters
-    packed_bytes: int = 0  # the weight data (4-bit codes; for a 16-bit weight, the weight itself)
-    absmax_bytes: int = 0  # one scale per block (fp32; uint8 when double-quantized)
-    nested_absmax_bytes: int = 0  # DQ: fp32 scale per 256 first-level scales
-    nested_bytes: int = 0  # DQ: nested absmax + offset + the 8-bit code table (state2.code)
-    code_bytes: int = 0  # the 4-bit code table (QuantState.code, saved as quant_map)
-
-    def __iadd__(self, o: Storage) -> Storage:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(o, f.name))
-        return self
-
-    @property
-    def bits_per_param(self) -> float:
-        """Per-element storage, the QLoRA paper's definition: codes + absmax (+ nested absmax)."""
-        return 8 * (self.packed_bytes + self.absmax_bytes + self.nested_absmax_bytes) / self.n
-
-    @property
-    def total_bytes(self) -> int:
-        """Everything a checkpoint stores for the tensor, per-tensor constants included."""
-        return self.packed_bytes + self.absmax_bytes + self.nested_bytes + self.code_bytes
-
-
-def nbytes(t: torch.Tensor | None) -> int:
-    """Bytes held by a tensor (0 for None)."""
-    return 0 if t is None else t.numel() * t.element_size()
-
-
-def storage_of(packed: torch.Tensor, state) -> Storage:
-    """Storage of a bitsandbytes 4-bit weight, read from its packed data and QuantState."""
-    s = Storage(math.prod(state.shape), nbytes(packed), nbytes(state.absmax), code_bytes=nbytes(state.code))
-    if state.nested:
-        s.nested_absmax_bytes = nbytes(state.state2.absmax)
-        s.nested_bytes = s.nested_absmax_bytes + nbytes(state.offset) + nbytes(state.state2.code)
-    return s
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued kernels so a host clock reads finished work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def quantize(w: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int = 64,
-             compute_dtype: torch.dtype = torch.bfloat16, quant_storage: torch.dtype = torch.uint8):
-    """bitsandbytes round trip of one tensor: (Ŵ in compute_dtype, Storage, quantize_s, dequantize_s)."""
-    import bitsandbytes.functional as bnbf
-
-    x = w.to(compute_dtype)
-    _sync(w.device)
-    t0 = time.perf_counter()
-    packed, state = bnbf.quantize_4bit(x, blocksize=blocksize, compress_statistics=double_quant,
-                                       quant_type=quant_type, quant_storage=quant_storage)
-    _sync(w.device)
-    t1 = time.perf_counter()
-    w_hat = bnbf.dequantize_4bit(packed, state)
-    _sync(w.device)
-    t2 = time.perf_counter()
-    return w_hat, storage_of(packed, state), t1 - t0, t2 - t1
-
-
 def int4_absmax(w: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """Reference, not bitsandbytes: symmetric absmax int4 per block, x̂ = round(x·7/absmax)·absmax/7."""
+    """Reference, written here (no quantization library): symmetric absmax int4 per block, x̂ = round(x·7/absmax)·absmax/7."""
     flat = w.float().reshape(-1)
     pad = (-flat.numel()) % blocksize
     blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
@@ -262,21 +198,19 @@ def weights(ctx: Context) -> tuple[Iterator[Layer], int]:
 
 # --- the stage ------------------------------------------------------------------------------------------
 
-def run(ctx: Context) -> StageOutput:
+def run(ctx: Context, inputs: Inputs | None = None) -> StageOutput:
     """Quantize every linear layer with the case's method; error, storage and timing per layer and pooled."""
     s = ctx.case.settings
     method = methods.get(s.method)
     cdtype = methods.torch_dtype(s.compute_dtype)
-    storage_dtype = torch.uint8 if s.quant_storage == "uint8" else methods.torch_dtype(s.quant_storage)
     device = torch.device(ctx.device)
     layers, unquantized = weights(ctx)
 
     def roundtrip(w: torch.Tensor):
-        if not method.is_4bit:  # 16-bit base: bf16 rounding is all the error there is
-            return w.to(torch.bfloat16), Storage(w.numel(), w.numel() * BF16_BITS // 8), 0.0, 0.0
-        return quantize(w, method.quant_type, method.double_quant, s.blocksize, cdtype, storage_dtype)
+        rt = method.round_trip(w, s)
+        return rt.w_hat, rt.storage, rt.quantize_s, rt.dequantize_s
 
-    if method.is_4bit:  # first calls load kernels; keep them out of the timings
+    if method.quantized:  # first calls load kernels; keep them out of the timings
         roundtrip(torch.linspace(-1, 1, WARMUP_NUMEL, device=device).view(-1, 64))
 
     total, int4, floor = ErrorStats(), ErrorStats(), ErrorStats()
@@ -327,10 +261,10 @@ def run(ctx: Context) -> StageOutput:
     m["quant.linear_bytes"] = stored.total_bytes
     m["quant.model_bytes"] = stored.total_bytes + unquantized * BF16_BITS // 8
     m["quant.model_16bit_bytes"] = (stored.n + unquantized) * BF16_BITS // 8
-    if method.is_4bit:  # a 16-bit base has nothing to quantize
+    if method.quantized:  # a 16-bit base has nothing to quantize
         m["quant.quantize_s"], m["quant.dequantize_s"] = quantize_s, dequantize_s
-    settings = {"method": method.name, "quant_type": method.quant_type or "bf16", "double_quant": method.double_quant,
-                "blocksize": s.blocksize, "compute_dtype": s.compute_dtype if method.is_4bit else "bf16",
+    settings = {"method": method.name, "label": method.label,
+                "blocksize": s.blocksize, "compute_dtype": s.compute_dtype if method.quantized else "bf16",
                 "quant_storage": s.quant_storage, "weight_source": s.weight_source, "device": str(device),
                 "layers": len(rows), "int4_ref": f"symmetric absmax, round(x*{INT4_LEVELS}/absmax) in "
                 f"[-{INT4_LEVELS}, {INT4_LEVELS}], blocksize {s.blocksize}, fp32 absmax"}

@@ -7,19 +7,12 @@ import statistics
 import time
 from pathlib import Path
 
-from harness import methods
+from harness import methods, precision
 from harness.measure import memory
-from harness.stages import Context, StageOutput
+from harness.stages import Context, Inputs, StageOutput, TrainedAdapter, free, sync
 
 PROJECTION_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                     "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
 
 
 class TokenCounter:
@@ -52,17 +45,18 @@ def _callback(ctx: Context, counter: TokenCounter, sampler: memory.Sampler, warm
             self.seen = 0
             self.managed = 0
             self.measured = None
+            self.dtypes: dict[str, str] = {}
 
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == warmup:  # the measured phase starts after the warm-up steps
                 memory.reset_torch_peaks()
                 self.measured = sampler.phase("train")
                 self.measured.__enter__()
-            _sync(ctx.device)
+            sync(ctx.device)
             self.t0 = time.perf_counter()
 
-        def on_step_end(self, args, state, control, optimizer=None, **kw):
-            _sync(ctx.device)
+        def on_step_end(self, args, state, control, optimizer=None, model=None, **kw):
+            sync(ctx.device)
             dt = time.perf_counter() - self.t0
             batches = counter.batches[self.seen:]
             self.seen = len(counter.batches)
@@ -71,6 +65,8 @@ def _callback(ctx: Context, counter: TokenCounter, sampler: memory.Sampler, warm
                 self.step_tokens.append(tuple(sum(b[i] for b in batches) for i in range(3)))
             if optimizer is not None:
                 self.managed = max(self.managed, memory.managed_bytes(optimizer))
+            if not self.dtypes and model is not None:  # what the first step actually held, optimizer included
+                self.dtypes = precision.held(model, optimizer)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -83,21 +79,15 @@ def _callback(ctx: Context, counter: TokenCounter, sampler: memory.Sampler, warm
     return Measure()
 
 
-def weight_bytes(model) -> dict[str, float]:
-    """Bytes of the base's weights as held (4-bit data plus every quantization statistic) and of the adapters.
-
-    ``get_memory_footprint`` misses double-quantization statistics, so this reads each QuantState instead.
-    """
-    from harness.stages.quant import nbytes, storage_of
-
+def weight_bytes(model, method) -> dict[str, float]:
+    """Bytes of the base's weights as held (quantized data plus every statistic, asked of the method) and of
+    the adapters, read after every cast. ``get_memory_footprint`` misses double-quantization statistics."""
     base = lora = 0
     for name, p in model.named_parameters():
-        state = getattr(p, "quant_state", None)
-        n = storage_of(p, state).total_bytes if state is not None else nbytes(p)
         if "lora_" in name:
-            lora += n
+            lora += methods.nbytes(p)
         else:
-            base += n
+            base += method.param_storage(p).total_bytes
     return {"train.weight_bytes": float(base), "train.lora_bytes": float(lora),
             "train.memory_footprint_bytes": float(model.get_memory_footprint())}
 
@@ -116,26 +106,18 @@ def lora_config(settings):
 
 
 def load_for_training(ctx: Context):
-    """Base per method, ``prepare_model_for_kbit_training`` for 4-bit bases, then LoRA adapters."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    """The method's base, prepared by the method (``prepare_model_for_kbit_training`` for kbit bases), with LoRA."""
+    from peft import get_peft_model
 
     from harness import models
 
     s = ctx.case.settings
     model = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device)
-    if methods.get(s.method).is_4bit:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=s.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif s.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    model = methods.get(s.method).prepare_for_training(model, s)
     return get_peft_model(model, lora_config(s))
 
 
-def run(ctx: Context) -> StageOutput:
+def run(ctx: Context, inputs: Inputs) -> StageOutput:
     import torch
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
@@ -145,20 +127,20 @@ def run(ctx: Context) -> StageOutput:
     s = ctx.case.settings
     out = StageOutput()
     torch.manual_seed(s.seed)
-    sampler = ctx.shared["sampler"]
+    sampler = ctx.sampler
+    method = methods.get(s.method)
     tokenizer = models.load_tokenizer(ctx.source)
     memory.reset_torch_peaks()
     rss_start = memory.memory_now()["rss_gib"]  # the interpreter and libraries, before any weight
     t = time.perf_counter()
     with sampler.phase("load"):
         model = load_for_training(ctx)
-    _sync(ctx.device)
+    sync(ctx.device)
     out.metrics["train.load_s"] = time.perf_counter() - t
     out.metrics.update(sampler.metrics("train.load_", "load"))
     out.metrics.update(memory.torch_peaks("train.load_"))
     trainable, total = model.get_nb_trainable_parameters()
     out.metrics["train.trainable_params"] = float(trainable)
-    out.metrics.update(weight_bytes(model))
 
     dataset = load_dataset("json", data_files=ctx.case.data.train, split="train")
     trainer_dir = ctx.work_dir / "trainer"
@@ -187,13 +169,16 @@ def run(ctx: Context) -> StageOutput:
         dataloader_num_workers=0,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    # after the trainer's own casting (bf16 adapters for a quantized base), one policy for every method
+    precision.apply(trainer.model, s.precision, s.compute_dtype)
+    out.metrics.update(weight_bytes(trainer.model, method))
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
     measure = _callback(ctx, counter, sampler, s.warmup_steps)
     trainer.add_callback(measure)
     t = time.perf_counter()
     trainer.train()
-    _sync(ctx.device)
+    sync(ctx.device)
     out.metrics["train.wall_s"] = time.perf_counter() - t
 
     out.metrics.update(sampler.metrics("train.", "train"))
@@ -226,11 +211,10 @@ def run(ctx: Context) -> StageOutput:
     trainer.model.save_pretrained(adapter, safe_serialization=True)
     out.metrics["train.adapter_bytes"] = float(sum(f.stat().st_size for f in Path(adapter).glob("*.safetensors")))
     out.artifacts["adapter"] = str(adapter.relative_to(ctx.run_dir))
-    ctx.shared["adapter"] = adapter
-    ctx.shared["tokenizer"] = tokenizer
-    ctx.shared["train_measure"] = measure
+    out.tables["train.dtypes"] = [{"part": k, "dtype": v} for k, v in measure.dtypes.items()]
+    out.adapter = TrainedAdapter(path=adapter, tokenizer=tokenizer, dtypes=dict(measure.dtypes))
     del trainer, model
-    _free(ctx.device)
+    free(ctx.device)
     return out
 
 
@@ -289,14 +273,3 @@ def _mean_head(loss: list[list[float]], n: int = 3) -> float:
 
 def _mean_tail(loss: list[list[float]], n: int = 3) -> float:
     return statistics.fmean(v for _, v in loss[-n:])
-
-
-def _free(device: str) -> None:
-    import gc
-
-    gc.collect()
-    if device == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
-

@@ -1,0 +1,61 @@
+"""The methods under test: how the frozen base is held while LoRA trains on it.
+
+Adding a method (HQQ, torchao NF4, LoftQ, …) is one file in this folder:
+
+1. Write ``harness/methods/<family>.py`` with a subclass of :class:`harness.methods.base.Method` that sets
+   ``name``, ``label``, ``colour`` (and ``quantized``, ``packages``) and implements at least
+   ``round_trip`` and ``bits_per_param``; override ``from_pretrained_kwargs``, ``build_linear``,
+   ``param_storage``, ``prepare_for_training``, ``merge``, ``quantized_codes`` and ``dequantized`` where
+   the base defaults (a 16-bit base) do not hold.
+2. End the file with ``METHODS = (YourMethod(),)``. Every module of this package is read at import, so
+   the registry, the suite schema, the estimator and the report know the method with no other edit.
+3. Name it in a suite's ``matrix.method``.
+
+Nothing outside this package imports a quantization library or branches on a method's name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from harness.methods.base import DTYPE_BYTES, Method, RoundTrip, Storage, nbytes, torch_dtype
+
+__all__ = ["DTYPE_BYTES", "METHODS", "Method", "RoundTrip", "Storage", "get", "names", "nbytes",
+           "packages", "torch_dtype"]
+
+
+def _discover() -> dict[str, Method]:
+    found: dict[str, Method] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.startswith("_") or info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for method in getattr(module, "METHODS", ()):
+            if method.name in found:
+                raise ImportError(f"method {method.name!r} is defined twice ({module.__name__})")
+            found[method.name] = method
+    return found
+
+
+_ORDER = ("lora-bf16", "qlora-nf4", "qlora-nf4-dq", "qlora-fp4", "qlora-fp4-dq")  # the paper's five first
+METHODS: dict[str, Method] = dict(sorted(_discover().items(),
+                                         key=lambda kv: (_ORDER.index(kv[0]) if kv[0] in _ORDER else len(_ORDER),
+                                                         kv[0])))
+
+
+def get(name: str) -> Method:
+    """The registered method called ``name``; a ValueError listing the known ones otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r} (expected one of {', '.join(METHODS)})") from None
+
+
+def names() -> list[str]:
+    return list(METHODS)
+
+
+def packages() -> tuple[str, ...]:
+    """Distributions the registered methods load, for the environment a record carries."""
+    return tuple(dict.fromkeys(p for m in METHODS.values() for p in m.packages))
