@@ -257,7 +257,7 @@ def build_on_device(source: Source, method_name: str, compute_dtype: str, device
     for name, buf in list(model.named_buffers()):
         if buf.device != target:
             set_module_tensor_to_device(model, name, target, value=buf.to(target))
-    method.mark_built(model)
+    method.mark_built(model, compute_dtype)
     model.hf_device_map = {"": target.index if target.type == "cuda" else "cpu"}
     source.info["device_map"] = [str(target)]  # built on one device: multi-GPU placement is for checkpoints
     return model

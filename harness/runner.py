@@ -181,12 +181,15 @@ def _slug(text: str) -> str:
 
 
 def _gap_to_reference(case: Case, record: Record, earlier: dict[str, Record]) -> None:
-    """Accuracy gap of this adapter to the lora-bf16 adapter of the same other settings, when that ran first."""
-    if case.method == "lora-bf16":
+    """Accuracy gap of this adapter to the reference method's adapter of the same other settings, when that ran
+    first."""
+    from harness.methods import REFERENCE
+
+    if case.method == REFERENCE:
         return
     others = {k: v for k, v in case.axes.items() if k != "method"}
     for ref in earlier.values():
-        if ref.method == "lora-bf16" and all(ref.params.get(k) == v for k, v in others.items()):
+        if ref.method == REFERENCE and all(ref.params.get(k) == v for k, v in others.items()):
             for name, value in list(record.metrics.items()):
                 if name.startswith("eval.") and name.endswith((".acc", ".acc_norm")) and name in ref.metrics:
                     record.metrics[f"{name}_gap"] = value - ref.metrics[name]

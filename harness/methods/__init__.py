@@ -22,7 +22,7 @@ import pkgutil
 from harness.methods.base import DTYPE_BYTES, Method, RoundTrip, Storage, nbytes, torch_dtype
 
 __all__ = ["DTYPE_BYTES", "METHODS", "Method", "RoundTrip", "Storage", "get", "names", "nbytes",
-           "packages", "torch_dtype"]
+           "packages", "torch_dtype", "REFERENCE"]
 
 
 def _discover() -> dict[str, Method]:
@@ -42,6 +42,9 @@ _ORDER = ("lora-bf16", "qlora-nf4", "qlora-nf4-dq", "qlora-fp4", "qlora-fp4-dq")
 METHODS: dict[str, Method] = dict(sorted(_discover().items(),
                                          key=lambda kv: (_ORDER.index(kv[0]) if kv[0] in _ORDER else len(_ORDER),
                                                          kv[0])))
+
+
+REFERENCE = "lora-bf16"  # what every other method is compared with unless a suite names another
 
 
 def get(name: str) -> Method:

@@ -87,7 +87,7 @@ class Method:
         """The stored form of one linear built straight on the device from ``weight``; None keeps it 16-bit."""
         return None
 
-    def mark_built(self, model) -> None:
+    def mark_built(self, model, compute_dtype: str) -> None:
         """Set on a model built on the device what ``from_pretrained`` would set for this method."""
 
     # -- fidelity ------------------------------------------------------------------------------------

@@ -28,6 +28,15 @@ def storage_of(packed, state) -> Storage:
     return s
 
 
+def _attach_quantizer(model, config) -> None:
+    """What ``from_pretrained`` attaches to a quantized model; the Trainer refuses to train one without it."""
+    from transformers.quantizers import AutoHfQuantizer
+
+    model.hf_quantizer = AutoHfQuantizer.from_config(config)
+    model.config.quantization_config = config
+    model.is_quantized = True
+
+
 class FourBit(Method):
     """A bitsandbytes 4-bit base, loaded the QLoRA way (``BitsAndBytesConfig(load_in_4bit=True, …)``)."""
 
@@ -61,9 +70,9 @@ class FourBit(Method):
                                          compress_statistics=self.double_quant, blocksize=LOAD_BLOCKSIZE).to(target)
         return layer
 
-    def mark_built(self, model) -> None:
+    def mark_built(self, model, compute_dtype: str) -> None:
+        _attach_quantizer(model, self.from_pretrained_kwargs(compute_dtype, "uint8")["quantization_config"])
         model.is_loaded_in_4bit = True  # what from_pretrained sets; prepare_model_for_kbit_training reads it
-        model.is_quantized = True
 
     def round_trip(self, w, settings) -> RoundTrip:
         import bitsandbytes.functional as bnbf

@@ -49,9 +49,11 @@ class Int8(Method):
         layer.weight = param
         return layer
 
-    def mark_built(self, model) -> None:
+    def mark_built(self, model, compute_dtype: str) -> None:
+        from harness.methods.bnb4bit import _attach_quantizer
+
+        _attach_quantizer(model, self.from_pretrained_kwargs(compute_dtype, "uint8")["quantization_config"])
         model.is_loaded_in_8bit = True
-        model.is_quantized = True
 
     def round_trip(self, w, settings) -> RoundTrip:
         import bitsandbytes.functional as bnbf
