@@ -101,7 +101,8 @@ def _held(name: str, policy: str) -> dict[str, str]:
     settings = Settings(method=name, precision=policy)
     model = method.prepare_for_training(build_on_device(tiny(), name, "bf16", "cpu"), settings)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM"))
-    from tokenizers import Tokenizer, models as tok_models
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel({"<pad>": 0, "a": 1}, "<pad>")),
                                   pad_token="<pad>", eos_token="<pad>")
