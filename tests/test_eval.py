@@ -57,3 +57,54 @@ def test_lm_eval_scores_a_trained_adapter(pytester, tmp_path_factory, monkeypatc
     assert m["eval.support_ppl.word_perplexity"] > 1.0
     assert m["train.adapter_bytes"] > 0 and (pytester.path / "results" / "ev" / rec["artifacts"]["adapter"]).is_dir()
     assert list((pytester.path / "results" / "ev" / "cache").glob("base-*.json"))  # base scored once, cached
+
+
+def _rolling_task() -> str:
+    """The shipped held-out text task (loglikelihood_rolling: bits per byte)."""
+    for f in sorted((SUITES / "tasks").glob("*.yaml")):
+        cfg = yaml.safe_load(f.read_text())
+        if cfg.get("output_type") == "loglikelihood_rolling":
+            return cfg["task"]
+    raise AssertionError("no loglikelihood_rolling task shipped")
+
+
+@pytest.mark.slow
+def test_scores_are_float32_log_likelihoods(tmp_path):
+    """bf16 log-softmax puts a document's log-likelihood on a grid of 2 or 4 nats: the scores must not be."""
+    import math
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from harness import presets
+    from harness.matrix import expand
+    from harness.models import Source, build_on_device, train_tokenizer
+    from harness.spec import load_suite
+    from harness.stages import Context
+    from harness.stages.evaluate import score
+
+    shutil.copytree(SUITES / "data", tmp_path / "data")
+    shutil.copytree(SUITES / "tasks", tmp_path / "tasks")
+    task = _rolling_task()
+    (tmp_path / "s.yaml").write_text(SUITE.replace("tasks: [support_mc, support_ppl]", f"tasks: [{task}]")
+                                     .replace("eval_limit: 12", "eval_limit: 40"))
+    case = expand(load_suite(tmp_path / "s.yaml"), tmp_path / "s.yaml")[0]
+    tok = train_tokenizer([str(tmp_path / "data" / "support_train.jsonl")], 2048, tmp_path / "tok")
+    texts = [yaml.safe_load(line)["text"] for line in
+             (tmp_path / "tasks" / yaml.safe_load((tmp_path / "tasks" / f"{task}.yaml").read_text())
+              ["dataset_kwargs"]["data_files"]["test"]).read_text().splitlines() if line.strip()][:40]
+    n_bytes = sum(len(t.encode()) for t in texts)
+    totals = []
+    for seed in (0, 1):  # two different adapters on one base
+        torch.manual_seed(seed)
+        base = build_on_device(Source(None, None, presets.PRESETS["tiny-llama"], {"num_layers": 1}),
+                               "lora-bf16", "bf16", "cpu")
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).eval()
+        flat, _ = score(model, tok, Context(case, None, "cpu", tmp_path, tmp_path))
+        nats = flat[f"{task}.bits_per_byte"] * n_bytes * math.log(2)  # the summed log-likelihood, in nats
+        totals.append(nats)
+    # bf16 sums are whole numbers; a float32 sum lands within 1e-3 of one by chance 0.2% of the time (it did
+    # once here: 6405.99976), so both adapters must miss the grid for the test to fail
+    assert max(abs(t - round(t)) for t in totals) > 1e-3, totals
+    assert totals[0] != totals[1]
