@@ -107,13 +107,14 @@ def suite_tolerances(root: Path) -> dict[str, dict[str, float]]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Print each case's changes against the baseline; 1 when anything regressed."""
+    """Print each case's changes, status regressions, vanished metrics and missing cases; 1 when anything got worse."""
     from harness.compare import compare_runs, load_baseline, load_records
     from harness.records import resolve_run
 
     new = load_records(resolve_run(args.new, args.results))
     base = load_baseline(args.base, args.results)
-    changes, missing = compare_runs(new, base, _tolerances(args.tolerance), suite_tolerances(args.suites))
+    cmp = compare_runs(new, base, _tolerances(args.tolerance), suite_tolerances(args.suites))
+    changes = cmp.changes
     case = None
     for ch in changes:
         if not (args.all or ch.regressed or ch.improved):
@@ -123,12 +124,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(case)
         mark = "REGRESSED" if ch.regressed else "improved " if ch.improved else "ok       "
         print(f"  {mark} {ch.message}")
+    for cid, old, new_status in cmp.status:
+        print(f"{cid}\n  REGRESSED status: {old} -> {new_status}")
+    for cid, metric in cmp.vanished:
+        print(f"{cid}\n  REGRESSED {metric} vanished: in the baseline, not measured now")
+    for cid in cmp.missing:
+        print(f"{cid}\n  MISSING   in the baseline, not in this run")
     bad = sum(c.regressed for c in changes)
     good = sum(c.improved for c in changes)
     cases = len({c.case_id for c in changes})
     line = f"{bad} regressed, {good} improved, {len(changes) - bad - good} within tolerance ({cases} cases compared"
-    print(line + (f"; {len(missing)} without a baseline)" if missing else ")"))
-    return 1 if bad else 0
+    extra = [f"{n} {what}" for n, what in ((len(cmp.status), "status regressions"), (len(cmp.vanished), "vanished metrics"),
+                                           (len(cmp.missing), "missing cases"), (len(cmp.no_baseline), "without a baseline")) if n]
+    print(line + (f"; {'; '.join(extra)})" if extra else ")"))
+    return 1 if cmp.regressed else 0
 
 
 def suite_files(root: Path) -> list[Path]:

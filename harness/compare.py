@@ -12,7 +12,12 @@ accepts:
 The convention for checked-in baselines is ``results/baselines/<tier>/``: copy the records of a trusted
 run on that tier's machine into it (``cp results/<run-id>/*.json results/baselines/gpu-24gb/``, the
 ``run.json`` optional) and commit them. Records are matched to new ones by ``case_id``; a folder holding
-several runs (sub-folders) is searched recursively and the most recently finished record of a case wins.
+several run folders (one level down, never their ``work/``) is read run by run and the most recently
+finished record of a case wins.
+
+A comparison reports, besides each metric's change: metrics the baseline had and the new record lacks
+(vanished), cases that passed in the baseline and now end failed, error, oom, killed or interrupted, and
+baseline cases missing from the new run.
 """
 
 from __future__ import annotations
@@ -20,17 +25,15 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import metrics
-from harness.records import Record, read_record, resolve_run
+from harness.records import Record, RecordError, baseline_record_paths, read_record, read_records, resolve_run
 
 BASELINES = "baselines"  # results/baselines/<tier>/
-
-
-class RecordError(ValueError):
-    """A record or run file that cannot be read; ``str()`` names the file in one line."""
+__all__ = ["BASELINES", "Change", "Comparison", "RecordError", "compare", "compare_runs", "load_baseline",
+           "load_records", "vanished"]
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,10 @@ class Change:
 
 def fmt(value: float, digits: int = 3) -> str:
     """``digits`` significant digits, trailing zeros kept (``4.10``, ``0.0921``, ``12,345``)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None:
         return "–"
+    if not math.isfinite(value):  # shown as what it is, never as a number or a blank
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if abs(value) >= 10**digits:
         return f"{value:,.0f}"
     return f"{value:#.{digits}g}".rstrip(".")
@@ -74,6 +79,8 @@ def fmt(value: float, digits: int = 3) -> str:
 
 def fmt_pct(rel: float) -> str:
     """A signed percentage, ``+12.2%``; ``+inf%`` from a zero baseline."""
+    if math.isnan(rel):
+        return "nan%"
     return f"{rel * 100:+.1f}%" if math.isfinite(rel) else ("+inf%" if rel > 0 else "-inf%")
 
 
@@ -95,12 +102,16 @@ def relative_change(old: float, new: float) -> float:
 
 
 def compare(new: Record, base: Record, tolerances: Mapping[str, float] | None = None) -> list[Change]:
-    """Every metric with a direction present (and finite) in both records, in ``new``'s order."""
+    """Every metric with a direction present in both records (finite in the baseline), in ``new``'s order."""
     changes = []
     for name, value in new.metrics.items():
         direction = metrics.direction(name)
         old = base.metrics.get(name)
-        if direction == "none" or old is None or not (math.isfinite(value) and math.isfinite(old)):
+        if direction == "none" or old is None or not math.isfinite(old):
+            continue
+        if not math.isfinite(value):  # a finite baseline became NaN or infinite: always a regression
+            changes.append(Change(name, old, value, math.nan, tolerance_for(name, tolerances), regressed=True,
+                                  improved=False, case_id=new.case_id))
             continue
         rel = relative_change(old, value)
         tol = tolerance_for(name, tolerances)
@@ -111,21 +122,22 @@ def compare(new: Record, base: Record, tolerances: Mapping[str, float] | None = 
     return changes
 
 
-def _records_in(folder: Path) -> list[Path]:
-    files = [p for p in sorted(folder.glob("*.json")) if p.name != "run.json"]
-    return files or [p for p in sorted(folder.rglob("*.json")) if p.name != "run.json"]
+def vanished(new: Record, base: Record) -> list[str]:
+    """Metrics with a direction that a baseline record which ran had and a new record which ran lacks."""
+    ran = ("passed", "failed")  # failed: every stage ran, an expectation did not hold
+    if new.status not in ran or base.status not in ran:
+        return []
+    return [m for m in base.metrics if m not in new.metrics and metrics.direction(m) != "none"]
+
+
+def status_regressed(new: Record, base: Record) -> bool:
+    """A case that passed in the baseline and now ends in anything but passed or skipped."""
+    return base.status == "passed" and new.status not in ("passed", "skipped")
 
 
 def load_records(folder: Path) -> list[Record]:
-    """Read every record of a folder; a bad file raises RecordError naming it in one line."""
-    out = []
-    for path in _records_in(Path(folder)):
-        try:
-            out.append(read_record(path))
-        except ValueError as exc:  # JSON and pydantic errors are ValueErrors
-            first = str(exc).strip().splitlines()
-            raise RecordError(f"{path}: not a readable record ({' '.join(first[:2])})") from None
-    return out
+    """Every record of a run folder; a bad file raises RecordError naming it in one line."""
+    return read_records(folder)
 
 
 def load_baseline(ref: str | Path, results_dir: Path = Path("results")) -> dict[str, Record]:
@@ -136,7 +148,7 @@ def load_baseline(ref: str | Path, results_dir: Path = Path("results")) -> dict[
         folder = tier_dir
     else:
         folder = resolve_run(ref, results_dir)  # FileNotFoundError with a one-line message
-    records = load_records(folder)
+    records = [read_record(p) for p in baseline_record_paths(folder)]
     if not records:
         raise FileNotFoundError(f"{folder}: no records in this baseline folder")
     by_case: dict[str, Record] = {}
@@ -145,25 +157,48 @@ def load_baseline(ref: str | Path, results_dir: Path = Path("results")) -> dict[
     return by_case
 
 
+@dataclass
+class Comparison:
+    """A new run against a baseline: metric changes and everything else that got worse or went missing."""
+
+    changes: list[Change] = field(default_factory=list)
+    no_baseline: list[str] = field(default_factory=list)  # new cases the baseline lacks
+    missing: list[str] = field(default_factory=list)  # baseline cases of the new run's suites it lacks
+    vanished: list[tuple[str, str]] = field(default_factory=list)  # (case id, metric) gone from a passed case
+    status: list[tuple[str, str, str]] = field(default_factory=list)  # (case id, old, new): passed -> not passed
+
+    @property
+    def regressed(self) -> int:
+        """Everything that counts against the new run."""
+        return sum(c.regressed for c in self.changes) + len(self.vanished) + len(self.status) + len(self.missing)
+
+
 def compare_runs(
     new: list[Record],
     base: Mapping[str, Record],
     tolerances: Mapping[str, float] | None = None,
     suite_tolerances: Mapping[str, Mapping[str, float]] | None = None,
-) -> tuple[list[Change], list[str]]:
-    """All changes of the new records that have a baseline, and the case ids that have none.
+) -> Comparison:
+    """The new records against their baseline records, matched by case id.
 
     ``tolerances`` apply to every suite and come first; ``suite_tolerances[suite]`` (a suite file's
     ``tolerances:``) follow, then the registry's defaults.
     """
-    changes: list[Change] = []
-    missing: list[str] = []
+    out = Comparison()
+    seen = set()
     for rec in new:
-        if rec.case_id in base:
-            tols = dict(tolerances or {})  # first match wins: these patterns before the suite's
-            for pattern, tol in (suite_tolerances or {}).get(rec.suite, {}).items():
-                tols.setdefault(pattern, tol)
-            changes.extend(compare(rec, base[rec.case_id], tols))
-        else:
-            missing.append(rec.case_id)
-    return changes, missing
+        old = base.get(rec.case_id)
+        if old is None:
+            out.no_baseline.append(rec.case_id)
+            continue
+        seen.add(rec.case_id)
+        tols = dict(tolerances or {})  # first match wins: these patterns before the suite's
+        for pattern, tol in (suite_tolerances or {}).get(rec.suite, {}).items():
+            tols.setdefault(pattern, tol)
+        out.changes.extend(compare(rec, old, tols))
+        out.vanished.extend((rec.case_id, m) for m in vanished(rec, old))
+        if status_regressed(rec, old):
+            out.status.append((rec.case_id, old.status, rec.status))
+    suites = {r.suite for r in new}  # a run of some suites is not missing the others' cases
+    out.missing = [cid for cid, r in base.items() if cid not in seen and r.suite in suites]
+    return out

@@ -5,11 +5,12 @@ A thin adapter: the work is done by harness.spec, harness.matrix, harness.runner
 
 from __future__ import annotations
 
-import time
+import os
 from pathlib import Path
 
 import pytest
 
+from harness.records import check_name, one_line
 from harness.spec import TIERS, RatioExpectation, SpecError
 
 RUN_KEY = pytest.StashKey["object"]()
@@ -48,9 +49,16 @@ def _nvml_gpu_count() -> int:
         return 0
 
 
-def pytest_configure(config):
-    import os
+def check_results_dir(path: Path) -> None:
+    """A one-line ValueError unless ``path`` is (or can be made) a writable folder."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--results-dir {path}: exists and is not a folder")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--results-dir {path}: cannot write to {existing or path}")
 
+
+def pytest_configure(config):
     from harness.runner import Run, resolve_tier
 
     if hasattr(config, "workerinput"):  # before anything touches CUDA: the case workers inherit the pin
@@ -59,29 +67,42 @@ def pytest_configure(config):
     for tier in TIERS:
         config.addinivalue_line("markers", f"{tier.replace('-', '_')}: cases of suites in the {tier} tier")
     config.addinivalue_line("markers", "suite(name): a case of the named harness suite")
+    worker = hasattr(config, "workerinput")
+    run_id = config.workerinput["harness_run_id"] if worker else config.getoption("run_id")
+    results = Path(config.getoption("results_dir")).resolve()
     try:
         tier, budget, why = resolve_tier(config.getoption("tier"))
+        if run_id:
+            check_name(run_id, "--run-id")
+        check_results_dir(results)
+        if run_id and not worker and (results / run_id).exists():
+            raise ValueError(f"--run-id {run_id}: {results / run_id} already exists (a run folder is never reused)")
+        baseline = _load_baseline(config.getoption("baseline"), results)
     except ValueError as exc:
-        raise pytest.UsageError(str(exc)) from None
-    run_id = config.getoption("run_id")
-    if hasattr(config, "workerinput"):  # an xdist worker joins the controller's run
-        run_id = config.workerinput["harness_run_id"]
-    results = Path(config.getoption("results_dir"))
-    run = Run(results_dir=results.resolve(), run_id=run_id or "", tier=tier, budget_gib=budget, tier_why=why)
+        raise pytest.UsageError(one_line(exc, 400)) from None
+    run = Run(results_dir=results, run_id=run_id or "", tier=tier, budget_gib=budget, tier_why=why,
+              joined=worker, baseline=baseline)
     from harness.measure.machine import memory_budget_gib
 
     gpu_mem = memory_budget_gib()
     if TIERS[tier] is not None and (gpu_mem is None or gpu_mem < TIERS[tier] * 0.9):
         run.machine_fits = False
-    if not hasattr(config, "workerinput") and not run_id:
-        while run.dir.exists():  # never reuse an earlier run's folder
-            time.sleep(1)
-            run.run_id = ""
-            run.__post_init__()
     config.stash[RUN_KEY] = run
     config.stash[SEEN_KEY] = {}
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(run), "harness-xdist")
+
+
+def _load_baseline(ref: str | None, results: Path):
+    """The baseline's records by case id, read once at startup; a bad reference is a one-line ValueError."""
+    if ref is None:
+        return None
+    from harness.compare import load_baseline
+
+    try:
+        return load_baseline(ref, results)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:  # RecordError is a ValueError
+        raise ValueError(f"--baseline {one_line(ref, 100)}: {one_line(exc, 300)}") from None
 
 
 class _XdistHooks:
@@ -90,6 +111,10 @@ class _XdistHooks:
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node):
+        try:  # the workers join one run folder: make it (exclusively) before the first is started
+            self.run.claim()
+        except (FileExistsError, OSError) as exc:
+            raise pytest.UsageError(one_line(exc, 400)) from None
         node.workerinput["harness_run_id"] = self.run.run_id
 
 
@@ -127,7 +152,8 @@ class SuiteFile(pytest.File):
             suite = load_suite(self.path)
             cases = expand(suite, self.path)
         except SpecError as exc:
-            raise self.CollectError(f"{shown}: {exc.where}: {exc.what}" if exc.where else f"{shown}: {exc.what}") from None
+            where = f"{one_line(exc.where, 120)}: " if exc.where else ""
+            raise self.CollectError(f"{one_line(shown, 300)}: {where}{one_line(exc.what, 400)}") from None
         seen = self.config.stash[SEEN_KEY]
         for case in cases:
             if case.case_id in seen and seen[case.case_id] != shown:
@@ -145,20 +171,6 @@ class SuiteFile(pytest.File):
                 yield RatioItem.from_parent(self, name=f"{suite.name}[ratio:{exp.label}]", exp=exp, cases=cases)
 
 
-def _baseline(config):
-    cached = getattr(config, "_harness_baseline", None)
-    ref = config.getoption("baseline")
-    if ref is None or cached is not None:
-        return cached
-    from harness.compare import load_baseline
-
-    try:
-        config._harness_baseline = load_baseline(ref)
-    except (FileNotFoundError, ValueError) as exc:
-        raise pytest.UsageError(f"--baseline: {exc}") from None
-    return config._harness_baseline
-
-
 class CaseItem(pytest.Item):
     def __init__(self, *, case, suite, **kwargs):
         super().__init__(**kwargs)
@@ -170,7 +182,7 @@ class CaseItem(pytest.Item):
         why = run.not_selected(self.case)
         if why:
             pytest.skip(why)
-        record = run.run_case(self.case, self.suite, _baseline(self.config))
+        record = run.run_case(self.case, self.suite)
         self.user_properties.append(("record", str(run.dir)))
         if record.status == "skipped":
             pytest.skip(record.message)
@@ -223,14 +235,18 @@ class CaseFailed(Exception):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     run = config.stash.get(RUN_KEY, None)
-    if run is None or hasattr(config, "workerinput") or not run.dir.exists():
+    if run is None or hasattr(config, "workerinput") or not run.claimed or not run.dir.exists():
         return
-    from harness.records import iter_records
+    from harness.records import RecordError, read_records
 
-    records = iter_records(run.dir)
+    tr = terminalreporter
+    try:
+        records = read_records(run.dir)
+    except RecordError as exc:
+        tr.write_line(f"qlora-harness: {one_line(exc, 400)}")
+        return
     if not records:
         return
-    tr = terminalreporter
     tr.section("qlora-harness")
     try:
         from harness.report import summary_table
@@ -238,21 +254,39 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(summary_table(records))
     except ImportError:
         pass
+    if run.baseline is not None:
+        from harness.compare import compare_runs
+
+        cmp = compare_runs(records, run.baseline)
+        for cid, old, new in cmp.status:
+            tr.write_line(f"baseline: {cid} was {old}, now {new}")
+        for cid, metric in cmp.vanished:
+            tr.write_line(f"baseline: {cid} no longer measures {metric}")
+        if cmp.missing:
+            tr.write_line(f"baseline: {len(cmp.missing)} case(s) of these suites not in this run: "
+                          f"{one_line(', '.join(cmp.missing), 300)}")
     tr.write_line(f"records: {run.dir}")
     report = getattr(config, "_harness_report", None)
     if report:
         tr.write_line(f"report:  {report}")
+    for warning in getattr(config, "_harness_report_errors", []):
+        tr.write_line(f"report not written: {warning}")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
     run = config.stash.get(RUN_KEY, None)
-    if run is None or hasattr(config, "workerinput") or config.getoption("no_report") or not run.dir.exists():
+    if (run is None or hasattr(config, "workerinput") or config.getoption("no_report") or not run.claimed
+            or not run.dir.exists()):
         return
+    from harness.records import RecordError
     from harness.report import render_index, render_run
 
     reports = Path(config.getoption("reports_dir")).resolve()
     baseline = config.getoption("baseline")
-    config._harness_report = render_run(run.dir, reports, baseline=baseline)
-    render_index(run.results_dir, reports)
+    try:
+        config._harness_report = render_run(run.dir, reports, baseline=baseline)
+        render_index(run.results_dir, reports)
+    except (RecordError, OSError) as exc:  # a report problem is reported, it does not end the session in a traceback
+        config._harness_report_errors = [one_line(exc, 400)]

@@ -1,8 +1,19 @@
-"""The record schema, run folders, atomic never-overwrite writes, and loading runs into pandas."""
+"""The record schema and the one reader and writer of run folders.
+
+A run folder is ``results/<run-id>/``: ``run.json`` (what the run was), one ``<case>.json`` record per
+case at its top level, ``suites/`` (cross-case results) and ``work/`` (each case's scratch folder: model
+files, logs, adapters; never read as records). Every other module goes through this one to make a run
+folder (:func:`create_run_dir`, exclusive), to list and read its records (:func:`record_paths`,
+:func:`read_records`), to read ``run.json`` (:func:`read_run_meta`) and to write anything
+(:func:`write_text_atomic` and the helpers built on it: atomic, 0644 under the umask, never overwriting a
+record). Non-finite metrics are stored as the JSON strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``
+and read back as floats.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -11,16 +22,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness import SCHEMA_VERSION
 
-Status = Literal["passed", "failed", "skipped", "oom", "error"]
+# interrupted: the run was stopped (Ctrl-C, SIGTERM) while the case ran; killed: its worker was killed from
+# outside without evidence of running out of memory
+Status = Literal["passed", "failed", "skipped", "oom", "error", "interrupted", "killed"]
 Scalar = str | int | float | bool | None
+RUN_FILE = "run.json"
+WORK = "work"  # results/<run-id>/work/<case>/: a case's scratch files, never records
+SAFE_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"  # run ids and suite names: path and link safe, no leading dot
+MAX_SHOWN = 200  # characters of a user's value shown in an error message
+
+
+class RecordError(ValueError):
+    """A record or run file that cannot be read; ``str()`` names the file in one line."""
 
 
 class ExpectationResult(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
     name: str
     metric: str
     value: float | None
@@ -31,10 +52,10 @@ class ExpectationResult(BaseModel):
 class Record(BaseModel):
     """One case's outcome: everything a reader needs to trust (or distrust) its numbers."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
     schema_version: int = SCHEMA_VERSION
-    run_id: str
-    suite: str
+    run_id: str = Field(pattern=SAFE_NAME)
+    suite: str = Field(pattern=SAFE_NAME)
     case_id: str
     method: str
     params: dict[str, Scalar]  # every resolved setting of the case, the method included
@@ -56,30 +77,56 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def one_line(value: Any, limit: int = MAX_SHOWN) -> str:
+    """A value as it may appear in a one-line error: newlines escaped, cut to ``limit`` characters."""
+    text = value if isinstance(value, str) else str(value)
+    text = text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_name(value: str, what: str) -> str:
+    """``value`` if it is a safe run id or suite name (letters, digits, ``._-``, no leading dot), else ValueError."""
+    if not isinstance(value, str) or not re.fullmatch(SAFE_NAME, value):
+        raise ValueError(f"{what} {one_line(repr(value), 80)}: use letters, digits, '.', '_' and '-' "
+                         "(at most 128, not starting with '.')")
+    return value
+
+
 def new_run_id(now: datetime | None = None, host: str | None = None) -> str:
     """A run id that sorts by time and names the machine: ``20261122T133522Z-myhost``."""
     now = now or datetime.now(timezone.utc)
-    host = re.sub(r"[^A-Za-z0-9.-]+", "-", host or socket.gethostname()).strip("-")[:40] or "host"
+    host = re.sub(r"[^A-Za-z0-9.-]+", "-", host or socket.gethostname()).strip("-.")[:40] or "host"
     return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{host}"
 
 
 def case_filename(case_id: str) -> str:
     """``smoke[qlora-nf4-seq128]`` -> ``smoke__qlora-nf4-seq128.json`` (safe on every file system)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", case_id.replace("[", "__").replace("]", ""))
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", case_id.replace("[", "__").replace("]", "")).lstrip(".")
     return f"{safe}.json"
 
 
-def write_json_atomic(path: Path, data: Any, *, overwrite: bool = False) -> Path:
-    """Write JSON to a temporary file beside ``path``, then rename it; refuse to replace a file."""
+# -- writing ---------------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomic(path: Path, text: str, *, overwrite: bool = True) -> Path:
+    """Write ``text`` to a temporary file beside ``path`` and move it into place in one step.
+
+    The file gets the mode an ordinary ``open()`` would give (0666 under the umask, not mkstemp's 0600).
+    With ``overwrite=False`` an existing file is never replaced: FileExistsError instead.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text + "\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -92,21 +139,106 @@ def write_json_atomic(path: Path, data: Any, *, overwrite: bool = False) -> Path
     return path
 
 
+def _finite_json(data: Any) -> Any:
+    """Non-finite floats as the strings pydantic reads back (``NaN``, ``Infinity``, ``-Infinity``)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return "NaN" if math.isnan(data) else ("Infinity" if data > 0 else "-Infinity")
+    if isinstance(data, dict):
+        return {k: _finite_json(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite_json(v) for v in data]
+    return data
+
+
+def write_json_atomic(path: Path, data: Any, *, overwrite: bool = False) -> Path:
+    """JSON (standard: non-finite numbers as strings) written atomically; by default never replacing a file."""
+    text = json.dumps(_finite_json(data), indent=2, default=str, allow_nan=False)
+    return write_text_atomic(path, text + "\n", overwrite=overwrite)
+
+
 def write_record(run_dir: Path, record: Record) -> Path:
-    return write_json_atomic(Path(run_dir) / case_filename(record.case_id), record.model_dump(mode="json"))
+    """The case's record at the top of its run folder; FileExistsError if the case already has one."""
+    return write_text_atomic(Path(run_dir) / case_filename(record.case_id),
+                             record.model_dump_json(indent=2) + "\n", overwrite=False)
+
+
+def create_run_dir(results_dir: Path, run_id: str, *, retry: bool = True) -> Path:
+    """Make ``results_dir/run_id`` exclusively (never an existing folder) and return it.
+
+    With ``retry`` a taken id gets a suffix (``-2``, ``-3``, …) until a new folder is made, so two runs
+    started in the same second get two folders; without it FileExistsError says the id is taken.
+    """
+    check_name(run_id, "run id")
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = results_dir / (run_id if n == 1 else f"{run_id}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            if not retry:
+                raise FileExistsError(f"{path}: run folder already exists (run ids are never reused)") from None
+    raise FileExistsError(f"{results_dir}: no free run folder for {run_id}")
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+def record_paths(run_dir: Path) -> list[Path]:
+    """The record files of a run folder: ``*.json`` at its top level only (never ``work/`` or ``suites/``)."""
+    run_dir = Path(run_dir)
+    return [p for p in sorted(run_dir.glob("*.json")) if p.name != RUN_FILE and not p.name.startswith(".")]
 
 
 def read_record(path: Path) -> Record:
-    data = json.loads(Path(path).read_text())
-    version = data.get("schema_version")
+    """One record; a file that is not one raises RecordError naming it in one line."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RecordError(f"{path}: not a readable record ({one_line(exc)})") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {version!r}, this harness reads {SCHEMA_VERSION}")
-    return Record.model_validate(data)
+        raise RecordError(f"{path}: not a record of schema_version {SCHEMA_VERSION} (found {one_line(repr(version), 40)})")
+    try:
+        return Record.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise RecordError(f"{path}: {where}: {one_line(err['msg'])}") from None
 
 
-def iter_records(run_dir: Path) -> list[Record]:
-    run_dir = Path(run_dir)
-    return [read_record(p) for p in sorted(run_dir.glob("*.json")) if p.name != "run.json"]
+def read_records(run_dir: Path, suite: str | None = None) -> list[Record]:
+    """Every record of a run folder (optionally of one suite), in file-name order."""
+    records = [read_record(p) for p in record_paths(run_dir)]
+    return [r for r in records if suite is None or r.suite == suite]
+
+
+iter_records = read_records  # the older name
+
+
+def read_run_meta(run_dir: Path) -> dict[str, Any]:
+    """``run.json`` of a run folder ({} when absent); its run id must be a safe name."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RecordError(f"{path}: not valid JSON ({one_line(exc)})") from None
+    if not isinstance(meta, dict):
+        raise RecordError(f"{path}: expected a JSON object")
+    if "run_id" in meta:
+        try:
+            check_name(meta["run_id"], "run_id")
+        except ValueError as exc:
+            raise RecordError(f"{path}: {exc}") from None
+    return meta
+
+
+def list_runs(results_dir: Path) -> list[Path]:
+    """Run folders (those with a ``run.json``) directly under ``results_dir``, oldest first by name."""
+    results_dir = Path(results_dir)
+    return sorted(p.parent for p in results_dir.glob(f"*/{RUN_FILE}")) if results_dir.is_dir() else []
 
 
 def resolve_run(ref: str | Path, results_dir: Path = Path("results")) -> Path:
@@ -115,13 +247,24 @@ def resolve_run(ref: str | Path, results_dir: Path = Path("results")) -> Path:
     if p.is_dir():
         return p
     if str(ref) == "latest":
-        runs = sorted(d for d in Path(results_dir).iterdir() if (d / "run.json").exists())
+        runs = list_runs(results_dir)
         if not runs:
             raise FileNotFoundError(f"{results_dir}: no runs yet")
         return runs[-1]
     if (Path(results_dir) / str(ref)).is_dir():
         return Path(results_dir) / str(ref)
-    raise FileNotFoundError(f"{ref}: not a run folder nor a run id under {results_dir}/")
+    raise FileNotFoundError(f"{one_line(ref)}: not a run folder nor a run id under {results_dir}/")
+
+
+def baseline_record_paths(folder: Path) -> list[Path]:
+    """Records of a baseline folder: its own, or else those of the run folders directly inside it."""
+    folder = Path(folder)
+    own = record_paths(folder)
+    if own:
+        return own
+    subs = [d for d in sorted(folder.iterdir()) if d.is_dir() and d.name not in (WORK, "suites")
+            and not d.name.startswith(".")] if folder.is_dir() else []
+    return [p for d in subs for p in record_paths(d)]
 
 
 def records_frame(records: list[Record]):

@@ -2,32 +2,111 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 from harness.matrix import Case
-from harness.records import Record, utcnow
+from harness.records import Record, one_line, utcnow
 
 STAGE_MODULES = {"quant": "harness.stages.quant", "train": "harness.stages.train", "eval": "harness.stages.evaluate"}
 LOG_TAIL = 2000  # characters of the worker's log kept in an error record
 
 
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    name = type(exc).__name__
-    text = str(exc)
-    return name == "OutOfMemoryError" or any(
-        s in text for s in ("out of memory", "can't allocate memory", "CUDA error: out of memory",
-                            "DefaultCPUAllocator", "std::bad_alloc", "Cannot allocate memory",
-                            "failed to map segment")
-    )
+# Messages of failed allocations once the worker's address space is capped (memory_limit_gib): the cap makes
+# mmap fail, and each library words that differently. Without a cap they are not evidence of running out.
+CAP_MESSAGES = ("cannot allocate memory", "failed to map segment", "could not create a primitive",
+                "std::bad_alloc", "can't allocate memory", "out of memory")
+# Messages that mean out of memory wherever they come from
+OOM_MESSAGES = ("cuda out of memory", "cuda error: out of memory", "defaultcpuallocator: can't allocate memory")
+
+
+def _chain(exc: BaseException):
+    """The exception and every exception it was raised from or during (``__cause__``, ``__context__``)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+
+
+def is_oom(exc: BaseException, capped: bool = False) -> bool:
+    """True on evidence of running out of memory anywhere in the exception's chain.
+
+    Evidence: a MemoryError (often wrapped, e.g. in datasets' DatasetGenerationError), torch's
+    OutOfMemoryError or a CUDA/CPU allocator's out-of-memory message, and, when the worker's address space is
+    capped (``capped``), the failed allocations that cap causes ("Cannot allocate memory", "failed to map
+    segment", oneDNN's "could not create a primitive", ``std::bad_alloc``).
+    """
+    for e in _chain(exc):
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+            return True
+        text = str(e).lower()
+        if any(m in text for m in OOM_MESSAGES) or (capped and any(m in text for m in CAP_MESSAGES)):
+            return True
+    return False
+
+
+def _cgroup_files() -> list[Path]:
+    """Where this process's cgroup counts OOM kills: v2 ``memory.events`` or v1 ``memory.oom_control``."""
+    files = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            files.append(Path("/sys/fs/cgroup" + path.rstrip("/")) / "memory.events")
+        elif "memory" in controllers.split(","):
+            files.append(Path("/sys/fs/cgroup/memory" + path.rstrip("/")) / "memory.oom_control")
+    files += [Path("/sys/fs/cgroup/memory.events"), Path("/sys/fs/cgroup/memory/memory.oom_control")]
+    return files
+
+
+def oom_kill_count(files: list[Path] | None = None) -> int | None:
+    """The kernel's count of OOM kills in this cgroup (``oom_kill`` line), or None where it cannot be read."""
+    for f in files if files is not None else _cgroup_files():
+        try:
+            for line in f.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def classify_exit(code: int, tail: str, capped: bool, oom_kills: int | None) -> tuple[str, str]:
+    """(status, message) of a worker that ended without writing its record.
+
+    ``oom_kills``: how many OOM kills the kernel counted in this cgroup while the worker ran (None: unknown).
+    A SIGKILL is ``oom`` only when the kernel counted one; otherwise it came from outside: ``killed``.
+    """
+    lower = tail.lower()
+    memory_words = "MemoryError" in tail or any(m in lower for m in OOM_MESSAGES) or (
+        capped and any(m in lower for m in CAP_MESSAGES))
+    if code == -signal.SIGKILL:
+        if oom_kills:
+            return "oom", f"worker killed by the kernel's OOM killer (cgroup oom_kill +{oom_kills})"
+        unknown = " (the cgroup's OOM counter cannot be read)" if oom_kills is None else ""
+        return "killed", f"worker killed with SIGKILL from outside; no OOM kill was counted{unknown}"
+    if code < 0:
+        message = f"worker died with signal {signal.Signals(-code).name}"
+    else:
+        message = f"worker exited with code {code} and no record"
+    return ("oom" if memory_words else "error"), message + (" after a failed allocation" if memory_words else "")
 
 
 def _limit_memory(gib: float) -> None:
@@ -92,9 +171,10 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a record
         (work_dir / "traceback.txt").write_text(traceback.format_exc())
         at_failure = memory.memory_now()
-        record.status = "oom" if is_oom(exc) else "error"
+        record.status = "oom" if is_oom(exc, capped=bool(case.settings.memory_limit_gib)) else "error"
         where = f" (in stage {stage})" if "stage" in locals() else ""
-        record.message = f"{type(exc).__name__}{where}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        record.message = one_line(f"{type(exc).__name__}{where}: {first}", 500)
         record.metrics.update({f"failure.{k}": v for k, v in at_failure.items()})
         if isinstance(exc, KeyboardInterrupt):
             raise
@@ -114,35 +194,101 @@ def _estimate(ctx, record: Record) -> None:
         record.metrics.update(est.as_metrics())
 
 
+# Set in the worker's environment unless the user set them: no host is looked up during a run (datasets'
+# download counter, the hub's and trl's telemetry, which honours HF_HUB_DISABLE_TELEMETRY and HF_HUB_OFFLINE).
+# A case whose model comes from the hub keeps the hub reachable and only turns telemetry off.
+OFFLINE_DEFAULTS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                    "HF_HUB_DISABLE_TELEMETRY": "1"}
+PARENT_ENV = "QLORA_HARNESS_PARENT_PID"  # the worker ends itself when this process is gone
+_live: dict[int, subprocess.Popen] = {}  # worker process groups to end if this process exits
+
+
+def worker_env(case: Case, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The worker's environment: the user's, plus the offline defaults the user did not set."""
+    env = dict(os.environ if environ is None else environ)
+    defaults = OFFLINE_DEFAULTS if case.model.source != "hub" else {"HF_HUB_DISABLE_TELEMETRY": "1"}
+    for key, value in defaults.items():
+        env.setdefault(key, value)
+    env[PARENT_ENV] = str(os.getpid())
+    return env
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the worker's process group (the worker and anything it started) and reap the worker."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    _live.pop(proc.pid, None)
+
+
+@atexit.register
+def _end_all() -> None:
+    """At the interpreter's exit no worker outlives it."""
+    for proc in list(_live.values()):
+        _end_group(proc)
+
+
+class _TermAsInterrupt:
+    """While a worker runs, SIGTERM interrupts the wait like Ctrl-C (only in the main thread, where signals land)."""
+
+    def __enter__(self):
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+        return False
+
+
 def run_isolated(case: Case, run_id: str, run_dir: Path, work_dir: Path, timeout_s: float | None = None) -> Record:
-    """Run ``execute`` in a fresh interpreter; a crash or a hang becomes an error record, never an exception."""
+    """Run ``execute`` in a fresh interpreter; a crash, a kill or a hang becomes a record, never an exception.
+
+    The worker runs in a process group of its own (a Ctrl-C in the terminal reaches pytest, not the worker);
+    this process ends that group on a timeout, on Ctrl-C or SIGTERM (then re-raised, so the caller can record
+    the case as interrupted) and at exit; the worker ends itself if this process dies (see ``_guard_parent``).
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
     case_file, result_file, log_file = work_dir / "case.json", work_dir / "result.json", work_dir / "worker.log"
     case_file.write_text(case.model_dump_json(indent=1))
     result_file.unlink(missing_ok=True)
     timeout_s = timeout_s or case.timeout_s
+    capped = bool(case.settings.memory_limit_gib)
     cmd = [sys.executable, "-m", "harness.worker", str(case_file), str(result_file), run_id, str(run_dir)]
     started = utcnow()
     t = time.perf_counter()
-    with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    kills_before = oom_kill_count()
+    with open(log_file, "w") as log, _TermAsInterrupt():
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=worker_env(case))
+        _live[proc.pid] = proc
         try:
             code = proc.wait(timeout=timeout_s)
             hung = False
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the worker and anything it started
-            code = proc.wait()
-            hung = True
+            _end_group(proc)
+            code, hung = proc.returncode, True
+        except BaseException:
+            _end_group(proc)
+            raise
+        _end_group(proc)  # anything the worker left behind in its group
+    kills_after = oom_kill_count()
     if not hung and result_file.exists():
         return Record.model_validate_json(result_file.read_text())
     tail = log_file.read_text(errors="replace")[-LOG_TAIL:]
     if hung:
-        message = f"timed out after {timeout_s:.0f} s (per-case timeout): worker killed"
-    elif code < 0:
-        message = f"worker died with signal {signal.Signals(-code).name}"
+        status, message = "error", f"timed out after {timeout_s:.0f} s (per-case timeout): worker killed"
     else:
-        message = f"worker exited with code {code} and no record"
-    status = "oom" if (code == -signal.SIGKILL and not hung) or "MemoryError" in tail else "error"
+        delta = None if kills_before is None or kills_after is None else kills_after - kills_before
+        status, message = classify_exit(code, tail, capped, delta)
     from harness.measure import machine
 
     return Record(run_id=run_id, suite=case.suite, case_id=case.case_id, method=case.method, params=case.params,
@@ -151,7 +297,41 @@ def run_isolated(case: Case, run_id: str, run_dir: Path, work_dir: Path, timeout
                   artifacts={"log": str(log_file.relative_to(run_dir)) if log_file.is_relative_to(run_dir) else str(log_file)})
 
 
+def _guard_parent() -> None:
+    """End this worker's process group when the process that started it dies (kill -9 included).
+
+    Linux: the kernel sends SIGTERM on the parent's death (``PR_SET_PDEATHSIG``); elsewhere, and as a
+    second line, a thread polls the parent's pid. Either ends the whole group, children included.
+    """
+    parent = int(os.environ.get(PARENT_ENV) or 0)
+    if not parent:
+        return
+
+    def end_group(*_):
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, end_group)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        end_group()
+
+    def watch():
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                end_group()
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
+    _guard_parent()
     case_file, result_file, run_id, run_dir = (argv or sys.argv[1:])[:4]
     case = Case.model_validate_json(Path(case_file).read_text())
     record = execute(case, run_id, Path(run_dir), Path(case_file).parent)

@@ -61,8 +61,10 @@ def test_suite_tolerance_pattern_wins_over_default():
 def test_only_directed_metrics_present_in_both():
     new = rec(train__peak_reserved_gib=4.0, train__loss_first=9.0, quant__rmse=math.nan, eval__x__acc=0.5)
     old = rec(train__peak_reserved_gib=4.0, train__loss_first=1.0, quant__rmse=0.1)
-    (ch,) = compare(new, old)  # loss_first has no direction, rmse is NaN, acc has no baseline
+    ch, nan = compare(new, old)  # loss_first has no direction, acc has no baseline
     assert ch.metric == "train.peak_reserved_gib" and ch.rel_change == 0 and not ch.regressed
+    # a finite baseline that became NaN is a regression, shown as nan
+    assert nan.metric == "quant.rmse" and nan.regressed and nan.message.startswith("quant.rmse regressed: 0.100 -> nan")
 
 
 def test_zero_baseline():
@@ -71,12 +73,12 @@ def test_zero_baseline():
 
 
 def test_compare_runs_reports_cases_without_baseline():
-    changes, missing = compare_runs(
+    cmp = compare_runs(
         [rec(quant__rmse=0.2), rec("smoke[new]", quant__rmse=0.1)],
         {"smoke[qlora-nf4]": rec(quant__rmse=0.1)},
         suite_tolerances={"smoke": {"quant.*": 2.0}},
     )
-    assert [c.regressed for c in changes] == [False] and missing == ["smoke[new]"]
+    assert [c.regressed for c in cmp.changes] == [False] and cmp.no_baseline == ["smoke[new]"]
 
 
 def test_load_baseline_by_run_id_path_and_tier(tmp_path: Path):

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.compare import RecordError, load_records
-from harness.records import Record
+from harness.records import Record, RecordError, check_name, read_records, read_run_meta, write_text_atomic
 
-STATUSES = ("passed", "failed", "oom", "error", "skipped")
+__all__ = ["STATUSES", "Run", "case_label", "env_items", "git_text", "load_run", "machine", "write_text_atomic"]
+STATUSES = ("passed", "failed", "oom", "killed", "interrupted", "error", "skipped")
 
 
 @dataclass
@@ -27,6 +25,10 @@ class Run:
 
     def __post_init__(self) -> None:
         self.run_id = self.meta.get("run_id") or (self.records[0].run_id if self.records else self.path.name)
+        try:  # the id names the report's files and links: it must be a safe name
+            check_name(self.run_id, "run id")
+        except ValueError as exc:
+            raise RecordError(f"{self.path}: {exc}") from None
 
     @property
     def env(self) -> dict[str, Any]:
@@ -54,13 +56,8 @@ def load_run(path: Path) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a run folder")
-    meta: dict[str, Any] = {}
-    if (path / "run.json").is_file():
-        try:
-            meta = json.loads((path / "run.json").read_text())
-        except ValueError as exc:
-            raise RecordError(f"{path / 'run.json'}: not valid JSON ({exc})") from None
-    records = sorted(load_records(path), key=lambda r: (r.started_at or "~", r.case_id))
+    meta = read_run_meta(path)
+    records = sorted(read_records(path), key=lambda r: (r.started_at or "~", r.case_id))
     return Run(path, meta, records)
 
 
@@ -109,17 +106,3 @@ def env_items(env: dict[str, Any]) -> list[tuple[str, str]]:
         if key not in {"gpu", "cpu", "python", "git", "versions", "host", "hostname"} and value not in (None, "", {}):
             items.append((key, json.dumps(value) if isinstance(value, dict | list) else str(value)))
     return items
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Replace ``path`` with ``text`` via a temporary file, so a reader never sees half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: a report is for everybody to read
-    os.replace(tmp, path)
-    return path

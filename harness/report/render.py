@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import jinja2
 
 from harness.compare import load_baseline
+from harness.records import SAFE_NAME, RecordError, list_runs, one_line
 from harness.report import charts as ch
 from harness.report import tables
 from harness.report.data import Run, env_items, git_text, load_run, machine, write_text_atomic
@@ -30,7 +32,19 @@ def _env() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["when"] = when
+    env.filters["href"] = safe_href
     return env
+
+
+def safe_href(target: str) -> str:
+    """A link target that stays inside the reports folder: a relative path of safe names, else ``""``.
+
+    Run ids are checked when read; this is the last guard before an ``href`` (no scheme such as
+    ``javascript:``, no absolute path, no ``..``).
+    """
+    parts = str(target).split("/")
+    ok = all(re.fullmatch(SAFE_NAME, p) for p in parts) and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", str(target))
+    return str(target) if ok else ""
 
 
 @functools.cache
@@ -138,12 +152,6 @@ def render_run(run_dir: Path, reports_dir: Path, *, baseline: Path | str | None 
     )
 
 
-def list_runs(results_dir: Path) -> list[Path]:
-    """Run folders (those with a ``run.json``) directly under ``results_dir``."""
-    results_dir = Path(results_dir)
-    return sorted(p.parent for p in results_dir.glob("*/run.json")) if results_dir.is_dir() else []
-
-
 def _stale(page: Path, run_dir: Path) -> bool:
     """True when the page is missing or older than a file of its run."""
     if not page.exists():
@@ -157,10 +165,14 @@ def render_index(results_dir: Path, reports_dir: Path) -> Path:
     reports_dir = Path(reports_dir)
     runs = []
     for run_dir in list_runs(results_dir):
-        run = load_run(run_dir)
-        page = reports_dir / f"{run.run_id}.html"
-        if _stale(page, run_dir):
-            render_run(run_dir, reports_dir)
+        try:
+            run = load_run(run_dir)
+            page = reports_dir / f"{run.run_id}.html"
+            if _stale(page, run_dir):
+                render_run(run_dir, reports_dir)
+        except RecordError as exc:  # one unreadable run must not hide every other run
+            print(f"warning: {one_line(exc, 400)} (run left out of the index)", file=sys.stderr)
+            continue
         runs.append({**_run_summary(run), "href": page.name})
     runs.sort(key=lambda r: (r["started_at"], r["run_id"]), reverse=True)
     return _page("index.html", reports_dir / "index.html", runs=runs, title="Runs · qlora-harness")
