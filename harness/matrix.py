@@ -13,9 +13,11 @@ from harness.spec import (
     DataSpec,
     EvalSpec,
     ModelSpec,
+    RatioExpectation,
     Settings,
     SpecError,
     Suite,
+    short,
     validate_settings,
 )
 
@@ -108,7 +110,28 @@ def expand(suite: Suite, path: Path | str) -> list[Case]:
                 timeout_s=suite.timeout_s,
             )
         )
+    _check_ratios(suite, cases, path)
     return cases
+
+
+def _check_ratios(suite: Suite, cases: list[Case], path: Path) -> None:
+    """Each ratio expectation must pair at least one numerator case with a denominator case of this matrix."""
+    for i, exp in enumerate(suite.expectations):
+        if not isinstance(exp, RatioExpectation):
+            continue
+        nums = [c for c in cases if matches(c, exp.numerator)]
+        dens = [c for c in cases if matches(c, exp.denominator)]
+        for side, chosen, selector in (("numerator", nums, exp.numerator), ("denominator", dens, exp.denominator)):
+            if not chosen:
+                raise SpecError(path, f"expectations[{i}].{side}", f"{short(selector)} selects no case of the matrix")
+        keys = set(exp.numerator) | set(exp.denominator)
+
+        def others(c: Case) -> tuple:
+            return tuple(sorted((k, repr(v)) for k, v in c.axes.items() if k not in keys))
+
+        if not {others(c) for c in nums} & {others(c) for c in dens}:
+            raise SpecError(path, f"expectations[{i}]", "no numerator case has a denominator case equal on the "
+                                                        "other axes: the ratio would never be checked")
 
 
 def matches(case: Case, selector: dict[str, Any]) -> bool:

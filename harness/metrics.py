@@ -62,3 +62,55 @@ def info(name: str) -> MetricInfo:
 def direction(name: str) -> Direction:
     return info(name).direction
 
+
+
+# -- names the stages emit ----------------------------------------------------------------------------------
+# fnmatch patterns of every metric a stage writes, so that an expectation on a name no stage emits is refused
+# when its suite is collected (instead of failing "not measured" after the run). A stage that adds a metric
+# adds its name here. eval.<task>.<metric> names come from the lm-eval task and are checked by task only.
+_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+_ERRORS = ("rmse", "mae", "max_abs_error", "rel_error", "cosine")
+EMITTED: dict[str, tuple[str, ...]] = {
+    "quant": (
+        *(f"quant.{e}" for e in _ERRORS),
+        *(f"quant.{k}.{e}" for k in _KINDS for e in _ERRORS),
+        *(f"quant.{ref}.{e}" for ref in ("int4_ref", "bf16_floor") for e in _ERRORS),
+        "quant.int4_over_method_rmse_ratio", "quant.int4_ref.bits_per_param", "quant.bits_per_param",
+        "quant.serialized.bits_per_param", "quant.packed_bytes", "quant.absmax_bytes", "quant.code_bytes",
+        "quant.nested_absmax_bytes", "quant.nested_bytes", "quant.linear_params", "quant.unquantized_params",
+        "quant.linear_bytes", "quant.model_bytes", "quant.model_16bit_bytes", "quant.quantize_s",
+        "quant.dequantize_s",
+    ),
+    "train": (
+        "train.weight_bytes", "train.lora_bytes", "train.memory_footprint_bytes", "train.adapter_bytes",
+        "train.load_s", "train.wall_s", "train.trainable_params",
+        "train.load_peak_rss_gib", "train.load_nvml_peak_gib", "train.load_nvml_device_peak_gib",
+        "train.load_peak_allocated_gib", "train.load_peak_reserved_gib",
+        "train.peak_rss_gib", "train.nvml_peak_gib", "train.nvml_device_peak_gib", "train.peak_allocated_gib",
+        "train.peak_reserved_gib", "train.rss_start_gib", "train.peak_rss_over_start_gib", "train.managed_gib",
+        "train.tokens_per_s", "train.total_tokens_per_s", "train.samples_per_s", "train.step_median_ms",
+        "train.step_p90_ms", "train.timed_steps", "train.padding_pct", "train.loss_first", "train.loss_last",
+        "train.loss_drop", "train.flops_per_token", "train.achieved_tflops", "train.peak_measured_tflops",
+        "train.mfu", "train.peak_datasheet_tflops", "train.mfu_datasheet",
+    ),
+    "estimate": ("estimate.*_gib", "estimate.bits_per_param", "estimate.trainable_params"),
+    "eval": ("eval.base_s", "eval.adapter_s", "eval.merge_s", "eval.merged_s"),
+    "env": ("env.*",),
+}
+
+
+def unknown_metric(name: str, stages: tuple[str, ...] | list[str], tasks: tuple[str, ...] | list[str] = ()) -> str | None:
+    """Why no stage of a suite (with these stages and eval tasks) emits ``name``; None when one does."""
+    prefix = name.split(".", 1)[0]
+    if prefix not in EMITTED:
+        return f"unknown metric {name!r}: names start with one of {', '.join(p + '.' for p in EMITTED)}"
+    if prefix in ("quant", "train", "eval") and prefix not in stages:
+        return f"metric {name!r} needs stage {prefix!r}, which this suite does not run"
+    if any(fnmatch.fnmatchcase(name, p) for p in EMITTED[prefix]):
+        return None
+    if prefix == "eval":
+        task = name.split(".")[1] if name.count(".") >= 2 else ""
+        if task in tasks:
+            return None
+        return f"metric {name!r}: expected eval.<task>.<metric> with a task of this suite ({', '.join(tasks)})"
+    return f"unknown metric {name!r}: stage {prefix!r} emits no such name (known names: harness/metrics.py EMITTED)"

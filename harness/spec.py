@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,7 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from harness import methods, presets
+from harness import methods, metrics, presets
+from harness.records import one_line
 
 Scalar = str | int | float | bool | None
 # Tier -> memory budget in GiB a case's predicted peak must fit (cards sold as 24/48/80 GB show a bit less).
@@ -27,13 +32,18 @@ STAGES = ("quant", "train", "eval")
 OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit")
 WEIGHT_SOURCES = ("model", "normal", "student_t", "laplace", "outliers")
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+MAX_CASES = 4096  # cases one suite's matrix may expand to; the product is checked before anything is built
+_SHORT = reprlib.Repr()  # a bounded repr: nested YAML aliases must not expand into megabytes of message
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxtuple, _SHORT.maxset = 2, 4, 4, 4, 4
+_SHORT.maxstring = _SHORT.maxother = 60
 
 
 class SpecError(Exception):
     """A mistake in a suite file: ``str()`` is the one line a user sees."""
 
     def __init__(self, path: Path | str, where: str, what: str):
-        self.path, self.where, self.what = str(path), where, what
+        # one line, whatever the user wrote: newlines escaped, long values cut
+        self.path, self.where, self.what = one_line(str(path), 300), one_line(where, 120), one_line(what, 400)
         super().__init__(f"{self.path}: {where}: {what}" if where else f"{self.path}: {what}")
 
 
@@ -269,8 +279,13 @@ def _message(err: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return "required field is missing"
     if "input" in err and err["type"].endswith(("_type", "_parsing")):
-        return f"{msg} (got {err['input']!r})"
+        return f"{msg} (got {short(err['input'])})"
     return msg
+
+
+def short(value: Any) -> str:
+    """A user's value as an error message shows it: a bounded repr (nested YAML aliases stay small), one line."""
+    return one_line(_SHORT.repr(value), 120)
 
 
 def _first_error(exc: ValidationError) -> tuple[str, str]:
@@ -322,6 +337,11 @@ def load_suite(path: Path | str) -> Suite:
 
 def _check_semantics(path: Path, suite: Suite) -> None:
     known = setting_names()
+    n_cases = math.prod(len(v) for v in suite.matrix.values())
+    if n_cases > MAX_CASES:
+        sizes = " × ".join(str(len(v)) for v in suite.matrix.values())
+        raise SpecError(path, "matrix", f"{len(suite.matrix)} axes ({sizes}) make {n_cases:,} cases, more than "
+                                        f"{MAX_CASES:,}: split the suite or drop values")
     for key in suite.settings:
         if key not in known:
             raise SpecError(path, f"settings.{key}", f"unknown setting (expected one of {', '.join(known)})")
@@ -344,7 +364,11 @@ def _check_semantics(path: Path, suite: Suite) -> None:
         selectors = exp.where if isinstance(exp, MetricExpectation) else {**exp.numerator, **exp.denominator}
         for key in selectors:
             if key not in known:
-                raise SpecError(path, f"expectations[{i}]", f"selects on unknown setting {key!r}")
+                raise SpecError(path, f"expectations[{i}]", f"selects on unknown setting {short(key)}")
+        field = "metric" if isinstance(exp, MetricExpectation) else "ratio"
+        why = metrics.unknown_metric(getattr(exp, field), suite.stages, suite.eval.tasks if suite.eval else ())
+        if why:
+            raise SpecError(path, f"expectations[{i}].{field}", why)
     base = path.parent
     if suite.model.pretrain is not None and not (base / suite.model.pretrain).is_file():
         raise SpecError(path, "model.pretrain", f"data file not found: {base / suite.model.pretrain}")
@@ -364,6 +388,43 @@ def _check_semantics(path: Path, suite: Suite) -> None:
             shipped = task_dir / f"{task}.yaml"
             if shipped.is_file():
                 _check_task_data(path, f"eval.tasks[{i}]", shipped)
+            elif task not in installed_tasks():
+                raise SpecError(path, f"eval.tasks[{i}]", f"unknown lm-eval task {short(task)}: not shipped in "
+                                                         f"{task_dir}/ and not an installed lm-eval task")
+
+
+def _tasks_cache() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-harness"
+    return Path(os.environ.get("QLORA_HARNESS_CACHE", default))
+
+
+_installed: frozenset[str] | None = None
+
+
+def installed_tasks(cache: Path | None = None) -> frozenset[str]:
+    """lm-eval's installed task and group names. Indexing them takes lm-eval most of a minute, so the list is
+    kept per lm-eval version in the harness cache (and in memory); asked only for tasks not shipped."""
+    global _installed
+    if _installed is not None and cache is None:
+        return _installed
+    from importlib.metadata import version
+
+    from harness.records import write_json_atomic
+
+    file = (cache or _tasks_cache()) / f"lm_eval_tasks-{version('lm_eval')}.json"
+    try:
+        names = frozenset(json.loads(file.read_text()))
+    except (OSError, ValueError):
+        from lm_eval.tasks import TaskManager
+
+        names = frozenset(TaskManager().all_tasks)
+        try:
+            write_json_atomic(file, sorted(names), overwrite=True)
+        except OSError:
+            pass  # an unwritable cache only costs time
+    if cache is None:
+        _installed = names
+    return names
 
 
 def _check_task_data(path: Path, where: str, task_file: Path) -> None:
