@@ -285,4 +285,6 @@ def records_frame(records: list[Record]):
         row.update({f"param.{k}": v for k, v in r.params.items()})
         row.update(r.metrics)
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    frame.attrs["metrics"] = sorted({n for r in records for n in r.metrics})  # NaN in the frame: measured or absent
+    return frame

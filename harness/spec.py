@@ -44,7 +44,7 @@ class SpecError(Exception):
     def __init__(self, path: Path | str, where: str, what: str):
         # one line, whatever the user wrote: newlines escaped, long values cut
         self.path, self.where, self.what = one_line(str(path), 300), one_line(where, 120), one_line(what, 400)
-        super().__init__(f"{self.path}: {where}: {what}" if where else f"{self.path}: {what}")
+        super().__init__(f"{self.path}: {self.where}: {self.what}" if self.where else f"{self.path}: {self.what}")
 
 
 class Strict(BaseModel):

@@ -155,7 +155,8 @@ def metric_columns(frame: pd.DataFrame, *, details: bool = True) -> list[str]:
     names = [
         c
         for c in frame.columns
-        if c not in IDENTITY and not c.startswith("param.") and frame[c].notna().any() and (details or not is_detail(c))
+        if c not in IDENTITY and not c.startswith("param.") and (details or not is_detail(c))
+        and (frame[c].notna().any() or c in frame.attrs.get("metrics", ()))  # a measured NaN is shown as nan
     ]
     return sorted(names, key=lambda c: (_group_rank(c), names.index(c)))
 
@@ -228,7 +229,8 @@ def suite_table(records: list[Record], baseline: Mapping[str, Record] | None = N
         cells = []
         for name in names:
             v = _finite(fr[name])
-            cell = Cell(text=fmt(v, digits(name)) if v is not None else "", value=v, best=marks[name][i])
+            raw = rec.metrics.get(name)  # non-finite values are shown as nan / inf, absent ones as blanks
+            cell = Cell(text=fmt(raw, digits(name)) if raw is not None else "", value=v, best=marks[name][i])
             err = _finite(rec.metrics.get(f"{name}_stderr"))
             if v is not None and err is not None:
                 cell.stderr = f"±{fmt(err)}"
@@ -301,8 +303,8 @@ def summary_table(records: list[Record]) -> str:
     cols = key_columns(frame)
     headers = ["case", "status"] + [f"{Column(c).display}\n{Column(c).unit_note}".rstrip() for c in cols]
     rows = []
-    for _, fr in frame.iterrows():
-        values = [fmt(v, digits(c)) if (v := _finite(fr[c])) is not None else "" for c in cols]
+    for rec, (_, fr) in zip(records, frame.iterrows(), strict=True):
+        values = [fmt(v, digits(c)) if (v := rec.metrics.get(c)) is not None else "" for c in cols]
         rows.append([fr["case_id"], fr["status"], *values])
     align = ("left", "left") + ("right",) * len(cols)
     return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True, colalign=align)
@@ -364,6 +366,8 @@ def all_metrics(records: list[Record]) -> AllMetrics:
     for name in metric_columns(frame):
         values = [_finite(v) for v in frame[name]]
         marks = best_marks(name, values)
-        cells = [Cell(fmt(v, digits(name)), v, best) if v is not None else Cell() for v, best in zip(values, marks, strict=True)]
+        raws = [r.metrics.get(name) for r in records]
+        cells = [Cell(fmt(raw, digits(name)), v, best) if raw is not None else Cell()
+                 for raw, v, best in zip(raws, values, marks, strict=True)]
         rows.append((Column(name), cells))
     return AllMetrics([case_label(r.case_id) for r in records], [r.status for r in records], rows)
