@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from harness.matrix import Case
-from harness.records import Record, one_line, utcnow
+from harness.records import Record, one_line, utcnow, write_text_atomic
 
 STAGE_MODULES = {"quant": "harness.stages.quant", "train": "harness.stages.train", "eval": "harness.stages.evaluate"}
 LOG_TAIL = 2000  # characters of the worker's log kept in an error record
@@ -335,9 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     case_file, result_file, run_id, run_dir = (argv or sys.argv[1:])[:4]
     case = Case.model_validate_json(Path(case_file).read_text())
     record = execute(case, run_id, Path(run_dir), Path(case_file).parent)
-    tmp = Path(result_file).with_suffix(".tmp")
-    tmp.write_text(record.model_dump_json(indent=1))
-    os.replace(tmp, result_file)
+    write_text_atomic(Path(result_file), record.model_dump_json(indent=1))
     return 0
 
 

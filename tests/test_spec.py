@@ -23,8 +23,8 @@ expectations:
   - metric: quant.rmse
     max: 1.0
   - ratio: quant.rmse
-    numerator: {method: qlora-fp4}
-    denominator: {method: qlora-nf4}
+    numerator: {method: qlora-nf4}
+    denominator: {method: lora-bf16}
     min: 1.0
 """
 
