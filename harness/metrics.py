@@ -94,7 +94,7 @@ EMITTED: dict[str, tuple[str, ...]] = {
         "train.mfu", "train.peak_datasheet_tflops", "train.mfu_datasheet",
     ),
     "estimate": ("estimate.*_gib", "estimate.bits_per_param", "estimate.trainable_params"),
-    "eval": ("eval.base_s", "eval.adapter_s", "eval.merge_s", "eval.merged_s"),
+    "eval": ("eval.base_s", "eval.adapter_s", "eval.merge_s", "eval.merged_s", "eval.merge.*"),  # merge fidelity
     "env": ("env.*",),
 }
 
