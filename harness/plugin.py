@@ -290,3 +290,13 @@ def pytest_sessionfinish(session, exitstatus):
         render_index(run.results_dir, reports)
     except (RecordError, OSError) as exc:  # a report problem is reported, it does not end the session in a traceback
         config._harness_report_errors = [one_line(exc, 400)]
+
+
+def pytest_unconfigure(config):
+    """A run folder reserved for xdist workers that ran no case is removed again (only when still empty)."""
+    run = config.stash.get(RUN_KEY, None)
+    if run is not None and not hasattr(config, "workerinput") and run.claimed:
+        try:
+            run.dir.rmdir()
+        except OSError:  # not empty: a real run
+            pass
