@@ -1,0 +1,174 @@
+"""Replicate groups, intervals and non-inferiority: checked against simulations with a known truth."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from harness import stats
+from harness.records import Record
+
+
+def _binary(rng, n_seeds, n_items, delta, seed_sd=0.03, item_sd=0.08, shared_seed_sd=0.03):
+    """Per-item 0/1 results of a method (true accuracy b + delta) and a reference (b), seeds × items.
+
+    Items share a difficulty and a per-method item effect across seeds (the eval set is the same for every
+    seed); each seed adds a training shift (partly shared by both methods of the same seed).
+    """
+    b = rng.uniform(0.25, 0.75, n_items)
+    common = rng.normal(0, shared_seed_sd, n_seeds)
+    out = []
+    for d in (delta, 0.0):
+        p = b[None, :] + d + rng.normal(0, item_sd, n_items)[None, :] + (rng.normal(0, seed_sd, n_seeds) + common)[:, None]
+        out.append((rng.random((n_seeds, n_items)) < np.clip(p, 0, 1)).astype(float))
+    return out
+
+
+def test_paired_bootstrap_covers_a_known_accuracy_difference():
+    rng = np.random.default_rng(20261123)
+    sims, hits, widths = 300, 0, []
+    for k in range(sims):
+        a, r = _binary(rng, 3, 100, 0.05)
+        est, lo, hi = stats.bootstrap_difference(a, np.ones_like(a), r, np.ones_like(r), paired_seeds=True,
+                                                 n_boot=500, seed=k)
+        hits += lo <= 0.05 <= hi
+        widths.append(hi - lo)
+    coverage = hits / sims
+    assert 0.90 <= coverage <= 0.98, coverage
+    # the interval is not trivially wide: 3 seeds × 100 items should resolve about ±0.12
+    assert np.median(widths) < 0.3
+
+
+def test_unpaired_seeds_cover_a_known_bits_per_byte_difference():
+    """A ratio metric (Σ nll / Σ bytes / ln 2), seeds 0-2 against seeds 3-5 (not paired)."""
+    rng = np.random.default_rng(7)
+    sims, hits = 200, 0
+    rates = (1.30, 1.25)  # nats per byte; the true bits-per-byte difference is their difference / ln 2
+    truth = (rates[0] - rates[1]) / math.log(2)
+    for k in range(sims):
+        nbytes = rng.integers(80, 400, 80).astype(float)
+        item = rng.normal(0, 0.15, 80)
+        arrays = []
+        for rate in rates:
+            nll = nbytes * (rate + item + rng.normal(0, 0.05, 80) + rng.normal(0, 0.02, 3)[:, None]
+                            + rng.normal(0, 0.1, (3, 80)))
+            arrays += [nll, np.broadcast_to(nbytes, nll.shape)]
+        est, lo, hi = stats.bootstrap_difference(*arrays, finish=lambda x: x / math.log(2), paired_seeds=False,
+                                                 n_boot=500, seed=k)
+        hits += lo <= truth <= hi
+    assert 0.90 <= hits / sims <= 0.98, hits / sims
+
+
+def test_t_interval_matches_the_textbook_value():
+    s = stats.t_interval([1.0, 2.0, 3.0])
+    # mean 2, sd 1, t(0.975, 2) = 4.302653 -> half-width 4.302653 / sqrt(3)
+    assert (s.mean, s.sd, s.n) == (2.0, 1.0, 3)
+    assert s.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    one = stats.t_interval([0.7])
+    assert one.n == 1 and math.isnan(one.lo)
+
+
+def test_item_table_rebuilds_lm_eval_aggregates():
+    """Per-item rows give the same acc and bits per byte as lm-eval's own aggregation functions."""
+    from lm_eval.api.metrics import bits_per_byte, mean
+
+    rng = np.random.default_rng(3)
+    mc = [{"doc_id": i, "filter": "none", "metrics": ["acc", "acc_norm"], "acc": float(rng.random() < 0.6),
+           "acc_norm": float(rng.random() < 0.5), "doc": {"question": "q"}} for i in range(30)]
+    ppl = [{"doc_id": i, "filter": "none", "metrics": ["word_perplexity", "byte_perplexity", "bits_per_byte"],
+            "word_perplexity": (ll, w), "byte_perplexity": (ll, b), "bits_per_byte": (ll, b)}
+           for i, (ll, w, b) in enumerate(zip(-rng.uniform(100, 600, 12), rng.integers(20, 90, 12),
+                                              rng.integers(100, 500, 12), strict=True))]
+    rows = stats.item_table({"support_mc": mc, "support_ppl": ppl})
+    assert len(rows) == 42 and set(rows[0]) == {"task", "doc_id", "acc", "acc_norm"}
+    assert set(rows[-1]) == {"task", "doc_id", "loglikelihood", "bytes", "words"}
+    for name, want in [("eval.support_mc.acc", mean([s["acc"] for s in mc])),
+                       ("eval.support_ppl.bits_per_byte", bits_per_byte([s["bits_per_byte"] for s in ppl]))]:
+        im = stats.item_metric(name)
+        arr = np.array(list(im.arrays(rows).values()))
+        assert float(im.finish(arr[:, 0].sum() / arr[:, 1].sum())) == pytest.approx(want, rel=1e-12)
+    assert stats.item_metric("eval.support_mc.merged_acc").variant == "merged"
+    assert stats.item_metric("eval.support_mc.acc_gain") is None
+
+
+def _record(method, seed, acc_items, *, tokens_per_s=1000.0, suite="q"):
+    rows = [{"task": "support_mc", "doc_id": i, "acc": float(v)} for i, v in enumerate(acc_items)]
+    return Record(run_id="r", suite=suite, case_id=f"{suite}[{method}-seed{seed}]", method=method,
+                  params={"method": method, "seed": seed, "lr": 0.1}, status="passed",
+                  metrics={"eval.support_mc.acc": float(np.mean(acc_items)), "train.tokens_per_s": tokens_per_s},
+                  tables={"eval.items.adapter": rows})
+
+
+def _groups(rng, ref_acc, method_acc, n_items=400, seeds=(0, 1, 2), seed_sd=0.01):
+    """Groups of 3 seeds: the reference and a method whose true per-item accuracy differ by a known amount."""
+    b = rng.uniform(-0.1, 0.1, n_items)
+    recs = []
+    for s in seeds:
+        shift = rng.normal(0, seed_sd)
+        for method, acc in (("lora-bf16", ref_acc), ("qlora-nf4", method_acc)):
+            recs.append(_record(method, s, rng.random(n_items) < np.clip(acc + b + shift, 0, 1),
+                                tokens_per_s=1000 * (0.8 if method == "qlora-nf4" else 1.0) * (1 + rng.normal(0, 0.02))))
+    gs = stats.groups(recs)
+    [(g, ref)] = stats.reference_pairs(gs)
+    return g, ref
+
+
+@pytest.mark.parametrize("ref_acc, method_acc, outcome", [
+    (0.70, 0.70, "pass"),  # equal: the interval (about ±0.04) lies above -0.08
+    (0.70, 0.50, "fail"),  # 0.20 worse: the interval lies below -0.08
+    (0.70, 0.62, "inconclusive"),  # 0.08 worse: the interval straddles -0.08
+])
+def test_noninferiority_pass_fail_inconclusive(ref_acc, method_acc, outcome):
+    g, ref = _groups(np.random.default_rng(11), ref_acc, method_acc)
+    assert g.seeds == ref.seeds == [0, 1, 2] and g.group_id == "q[qlora-nf4]"
+    d = stats.paired_difference(g, ref, "eval.support_mc.acc")
+    assert d.how == "bootstrap seeds x items" and d.n_items == 400 and d.paired_seeds
+    got, message = stats.noninferiority(d, margin=0.08, direction="higher")
+    assert got == outcome, message
+    assert f"[{d.lo:+.4g}, {d.hi:+.4g}]" in message
+
+
+def test_noninferiority_lower_is_better_and_no_interval():
+    d = stats.Difference("eval.t.bits_per_byte", "q[a]", "q[b]", 0.01, -0.005, 0.02, (3, 3), 50, True, "x")
+    assert stats.noninferiority(d, 0.05, "lower")[0] == "pass"
+    assert stats.noninferiority(d, 0.001, "lower")[0] == "inconclusive"
+    assert stats.noninferiority(d, 0.01, "higher")[0] == "pass"  # higher is better: +0.01 is an improvement
+    none = stats.Difference("m", "q[a]", "q[b]", 0.01, math.nan, math.nan, (1, 1), 0, True, "none")
+    assert stats.noninferiority(none, 0.05, "higher")[0] == "inconclusive"
+
+
+def test_verdicts_are_generated_from_the_interval():
+    mk = lambda est, lo, hi, m="eval.t.acc": stats.Difference(m, "g", "r", est, lo, hi, (3, 3), 60, True, "x")  # noqa: E731
+    assert stats.verdict(mk(0.004, -0.021, 0.030)) == "no detectable difference within ±0.030"
+    assert stats.verdict(mk(-0.05, -0.08, -0.02)) == "worse by 0.050 [0.020, 0.080]"
+    assert stats.verdict(mk(-0.05, -0.08, -0.02, "eval.t.bits_per_byte")) == "better by 0.050 [0.020, 0.080]"
+
+
+def test_ratio_and_group_summary_over_seeds():
+    g, ref = _groups(np.random.default_rng(5), 0.7, 0.7)
+    r = stats.ratio(g, ref, "train.tokens_per_s")
+    assert r.lo < 0.8 < r.hi and r.hi - r.lo < 0.15
+    summary = stats.summarise(g)["train.tokens_per_s"]
+    assert summary.n == 3 and summary.lo < summary.mean < summary.hi
+    out = stats.run_stats(g.records + ref.records)
+    suite = out["suites"]["q"]
+    assert set(suite["groups"]) == {"q[qlora-nf4]", "q[lora-bf16]"}
+    [diff] = suite["differences"]
+    assert diff["metric"] == "eval.support_mc.acc" and diff["verdict"].startswith("no detectable difference")
+    assert [x["metric"] for x in suite["ratios"]] == ["train.tokens_per_s"]
+
+
+def test_bootstrap_is_deterministic_given_its_seed():
+    rng = np.random.default_rng(0)
+    a, r = _binary(rng, 3, 60, 0.0)
+    one = stats.bootstrap_difference(a, np.ones_like(a), r, np.ones_like(r), paired_seeds=True, seed=4)
+    two = stats.bootstrap_difference(a, np.ones_like(a), r, np.ones_like(r), paired_seeds=True, seed=4)
+    assert one == two
+
+
+def test_group_id_drops_only_the_seed():
+    assert stats.group_id("smoke[qlora-nf4-seed1]") == "smoke[qlora-nf4]"
+    assert stats.group_id("train[qlora-nf4-seed12-seq512]") == "train[qlora-nf4-seq512]"
+    assert stats.group_id("smoke[seed3]") == "smoke"
