@@ -84,12 +84,17 @@ def expand(suite: Suite, path: Path | str) -> list[Case]:
         model = model.model_copy(update={"path": str((base / model.path).resolve())})
     if model.pretrain is not None:
         model = model.model_copy(update={"pretrain": str((base / model.pretrain).resolve())})
-    axes_names = list(suite.matrix)
+    matrix = dict(suite.matrix)
+    if suite.replicates > 1:  # a seed axis, last in the id: smoke[qlora-nf4-seed1]
+        first = int(suite.settings.get("seed") or 0)
+        matrix["seed"] = list(range(first, first + suite.replicates))
+    axes_names = list(matrix)
     cases: list[Case] = []
     seen: dict[str, int] = {}
-    for n, combo in enumerate(itertools.product(*(suite.matrix[a] for a in axes_names))):
+    for n, combo in enumerate(itertools.product(*(matrix[a] for a in axes_names))):
         axes = dict(zip(axes_names, combo, strict=False))
-        settings: Settings = validate_settings(path, {**suite.settings, **axes}, "matrix")
+        fixed = {k: v for k, v in suite.settings.items() if k not in axes}
+        settings: Settings = validate_settings(path, {**fixed, **axes}, "matrix")
         cid = case_id(suite.name, axes)
         if cid in seen:
             raise SpecError(path, "matrix", f"duplicate case id {cid} (combinations {seen[cid]} and {n})")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.records import check_name, one_line
-from harness.spec import TIERS, RatioExpectation, SpecError
+from harness.spec import TIERS, NonInferiorityExpectation, RatioExpectation, SpecError
 
 RUN_KEY = pytest.StashKey["object"]()
 SEEN_KEY = pytest.StashKey[dict]()
@@ -169,6 +169,9 @@ class SuiteFile(pytest.File):
         for exp in suite.expectations:
             if isinstance(exp, RatioExpectation):
                 yield RatioItem.from_parent(self, name=f"{suite.name}[ratio:{exp.label}]", exp=exp, cases=cases)
+            elif isinstance(exp, NonInferiorityExpectation):
+                yield NonInferiorityItem.from_parent(self, name=f"{suite.name}[noninferior:{exp.label(suite.reference)}]",
+                                                     exp=exp, cases=cases, suite=suite)
 
 
 class CaseItem(pytest.Item):
@@ -229,6 +232,75 @@ class RatioItem(pytest.Item):
         return self.path, None, self.name
 
 
+class NonInferiorityItem(pytest.Item):
+    """``method`` at most ``margin`` worse than ``against``, judged once every seed of both groups ran.
+
+    Outcomes: pass; fail (the interval lies beyond the margin); inconclusive, reported as a skip whose
+    reason holds the interval. An inconclusive comparison is evidence neither way: failing it would break
+    CI on noise, passing it would claim what the data cannot show; a skip is visible in the summary
+    (``-rs``) and leaves the suite green. Every outcome is stored under ``stats/expectations/`` of the run.
+    """
+
+    def __init__(self, *, exp, cases, suite, **kwargs):
+        super().__init__(**kwargs)
+        self.exp = exp
+        self.suite = suite
+        against = exp.against or suite.reference
+        from harness.matrix import matches
+
+        self.cases = [c for c in cases if c.method in (exp.method, against) and matches(c, exp.where)]
+
+    def runtest(self):
+        from harness import stats
+        from harness.records import write_json_atomic
+
+        run = self.config.stash[RUN_KEY]
+        selected = {i.case.case_id for i in self.session.items if isinstance(i, CaseItem)}
+        cases = [c for c in self.cases if c.case_id in selected and run.not_selected(c) is None]
+        if not cases:
+            pytest.skip("none of its cases ran in this session")
+        wait_s = sum(c.timeout_s for c in cases) if hasattr(self.config, "workerinput") else 0
+        records = _wait_records(run, cases[0].suite, {c.case_id for c in cases}, wait_s)
+        against = self.exp.against or self.suite.reference
+        ran = [records[c.case_id] for c in cases if c.case_id in records]
+        results = stats.check_noninferiority(ran, self.exp.method, against, self.exp.compare, self.exp.margin)
+        if not results:
+            pytest.skip(f"no passed cases of both {self.exp.method} and {against} to compare")
+        label = self.exp.label(self.suite.reference)
+        write_json_atomic(run.dir / "stats" / "expectations" / f"{_slug(self.suite.name + '.' + label)}.json",
+                          {"suite": self.suite.name, "name": label, "results": results}, overwrite=True)
+        failed = [r["message"] for r in results if r["outcome"] == "fail"]
+        if failed:
+            raise CaseFailed("; ".join(failed))
+        unclear = [r["message"] for r in results if r["outcome"] == "inconclusive"]
+        if unclear:
+            pytest.skip("inconclusive: " + "; ".join(unclear))
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, CaseFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, None, self.name
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:120]
+
+
+def _wait_records(run, suite: str, wanted: set[str], wait_s: float) -> dict:
+    """This run's records of ``suite`` by case id, waiting up to ``wait_s`` (xdist) for ``wanted`` to appear."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = run.records(suite) if run.dir.exists() else {}
+        if wanted <= set(records) or time.monotonic() > deadline:
+            return records
+        time.sleep(2)
+
+
 class CaseFailed(Exception):
     """A case whose record is failed, oom or error: the message is the report (no traceback)."""
 
@@ -277,8 +349,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
     run = config.stash.get(RUN_KEY, None)
-    if (run is None or hasattr(config, "workerinput") or config.getoption("no_report") or not run.claimed
-            or not run.dir.exists()):
+    if run is None or not run.claimed or not run.dir.exists():
+        return
+    _write_stats(session, run)
+    if hasattr(config, "workerinput") or config.getoption("no_report"):
         return
     from harness.records import RecordError
     from harness.report import render_index, render_run
@@ -300,3 +374,31 @@ def pytest_unconfigure(config):
             run.dir.rmdir()
         except OSError:  # not empty: a real run
             pass
+
+
+def _write_stats(session, run) -> None:
+    """Replicate groups, paired differences and ratios of every suite of the run: ``stats/<suite>.json``.
+
+    Each process notes the reference method of the suites it collected (``stats/references.<worker>.json``,
+    as an xdist controller collects nothing); the controller, last to finish, computes the statistics.
+    """
+    import json
+
+    from harness.records import write_json_atomic
+
+    records = list(run.records().values())
+    if not records:  # nothing ran: leave no stats behind (an empty run folder is removed at unconfigure)
+        return
+    refs = {i.suite.name: i.suite.reference for i in session.items if isinstance(i, CaseItem)}
+    folder = run.dir / "stats"
+    worker = getattr(session.config, "workerinput", {}).get("workerid")
+    if refs:
+        write_json_atomic(folder / f"references.{worker or 'main'}.json", refs, overwrite=True)
+    if worker is not None:
+        return
+    from harness import stats
+
+    for p in sorted(folder.glob("references.*.json")):
+        refs = {**json.loads(p.read_text()), **refs}
+    for suite, data in stats.run_stats(records, refs).get("suites", {}).items():
+        write_json_atomic(folder / f"{_slug(suite)}.json", data, overwrite=True)

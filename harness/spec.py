@@ -196,6 +196,38 @@ class RatioExpectation(Strict):
         return self.name or f"{self.ratio}:{num}/{den}"
 
 
+class NonInferiorityExpectation(Strict):
+    """``method`` is at most ``margin`` worse than ``against`` on ``compare``, judged on the 95% interval of the
+    difference over seeds and eval items (harness.stats): pass, fail, or inconclusive when it straddles the margin.
+    """
+
+    compare: str  # a metric with a direction, e.g. eval.support_mc.acc
+    method: str
+    against: str | None = None  # default: the suite's reference method
+    margin: float = Field(gt=0)  # in the metric's own units (0.02 = two accuracy points)
+    where: dict[str, Scalar | list[Scalar]] = {}  # further settings both sides share, e.g. {seq_len: 512}
+    name: str | None = None
+
+    @field_validator("method", "against")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        if v is not None:
+            methods.get(v)
+        return v
+
+    @field_validator("compare")
+    @classmethod
+    def _direction(cls, v: str) -> str:
+        from harness import metrics
+
+        if metrics.direction(v) == "none":
+            raise ValueError(f"metric {v!r} has no direction (lower or higher is better): it cannot have a margin")
+        return v
+
+    def label(self, reference: str) -> str:
+        return self.name or f"{self.compare}:{self.method}~{self.against or reference}"
+
+
 def _check_bounds(lo: float | None, hi: float | None) -> None:
     if lo is None and hi is None:
         raise ValueError("an expectation needs 'min', 'max' or both")
@@ -205,16 +237,22 @@ def _check_bounds(lo: float | None, hi: float | None) -> None:
 
 def _expectation_kind(v: Any) -> str | None:
     if isinstance(v, dict):
-        return "ratio" if "ratio" in v else "metric" if "metric" in v else None
-    return "ratio" if isinstance(v, RatioExpectation) else "metric" if isinstance(v, MetricExpectation) else None
+        for key, tag in (("ratio", "ratio"), ("metric", "metric"), ("compare", "noninferiority")):
+            if key in v:
+                return tag
+        return None
+    kinds = {RatioExpectation: "ratio", MetricExpectation: "metric", NonInferiorityExpectation: "noninferiority"}
+    return kinds.get(type(v))
 
 
 Expectation = Annotated[
-    Annotated[MetricExpectation, Tag("metric")] | Annotated[RatioExpectation, Tag("ratio")],
+    Annotated[MetricExpectation, Tag("metric")] | Annotated[RatioExpectation, Tag("ratio")]
+    | Annotated[NonInferiorityExpectation, Tag("noninferiority")],
     Discriminator(
         _expectation_kind,
         custom_error_type="expectation",
-        custom_error_message="an expectation is a mapping with 'metric' (a bound) or 'ratio' (between cases)",
+        custom_error_message="an expectation is a mapping with 'metric' (a bound), 'ratio' (between cases) or "
+                             "'compare' (non-inferiority against a reference method)",
     ),
 ]
 
@@ -237,6 +275,10 @@ class Suite(Strict):
     eval: EvalSpec | None = None
     expectations: list[Expectation] = []
     tolerances: dict[str, float] = {}  # metric pattern -> relative tolerance against a baseline
+    # training seeds per case: N > 1 adds a seed axis (settings.seed, +1, …); cases differing only by seed form a
+    # replicate group whose metrics get intervals over seeds (harness.stats)
+    replicates: int = Field(1, ge=1, le=100)
+    reference: str = "lora-bf16"  # the method differences and ratios are taken against
     timeout_s: float = Field(1800, gt=0)  # per case; a hung worker is killed after this
 
     @field_validator("matrix")
@@ -247,6 +289,12 @@ class Suite(Strict):
         for axis, values in v.items():
             if not values:
                 raise ValueError(f"axis {axis!r} has no values")
+        return v
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, v: str) -> str:
+        methods.get(v)
         return v
 
     @model_validator(mode="after")
@@ -265,7 +313,7 @@ def _where(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("metric", "ratio") and out.startswith("expectations"):
+        elif part in ("metric", "ratio", "noninferiority") and out.startswith("expectations"):
             continue  # the tag of a discriminated union is noise to the user
         else:
             out += f".{part}" if out else str(part)
@@ -360,8 +408,22 @@ def _check_semantics(path: Path, suite: Suite) -> None:
                 if errs:
                     raise SpecError(path, f"matrix.{axis}[{i}]", _message(errs[0])) from None
     validate_settings(path, dict(suite.settings), "settings")
+    if suite.replicates > 1 and "seed" in suite.matrix:
+        raise SpecError(path, "replicates", "the matrix already has a 'seed' axis: keep one of them")
     for i, exp in enumerate(suite.expectations):
-        selectors = exp.where if isinstance(exp, MetricExpectation) else {**exp.numerator, **exp.denominator}
+        if isinstance(exp, NonInferiorityExpectation):
+            selectors = exp.where
+            sides = {exp.method, exp.against or suite.reference}
+            listed = suite.matrix.get("method", [suite.settings.get("method", Settings().method)])
+            missing = sorted(m for m in sides if m not in listed)
+            if missing:
+                raise SpecError(path, f"expectations[{i}]", f"method {missing[0]!r} is not in the matrix")
+            if exp.method == (exp.against or suite.reference):
+                raise SpecError(path, f"expectations[{i}]", "method and against are the same method")
+        elif isinstance(exp, MetricExpectation):
+            selectors = exp.where
+        else:
+            selectors = {**exp.numerator, **exp.denominator}
         for key in selectors:
             if key not in known:
                 raise SpecError(path, f"expectations[{i}]", f"selects on unknown setting {short(key)}")

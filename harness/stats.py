@@ -404,6 +404,24 @@ def noninferiority(d: Difference, margin: float, direction: str) -> tuple[Outcom
     return "inconclusive", f"{interval}: the interval straddles the margin {margin:g}"
 
 
+def check_noninferiority(records: Iterable[Any], method: str, against: str, compare: str, margin: float,
+                         *, seed: int = 0) -> list[dict[str, Any]]:
+    """Each (method group, ``against`` group) pair of these records judged on ``compare`` with ``margin``.
+
+    One dict per pair: outcome, message, margin, direction and the difference with its interval.
+    """
+    direction = metrics.direction(compare)
+    out = []
+    for g, ref in reference_pairs(groups(records), against):
+        if g.method != method:
+            continue
+        d = paired_difference(g, ref, compare, seed=seed)
+        outcome, message = noninferiority(d, margin, direction)
+        out.append({"outcome": outcome, "message": message, "margin": margin, "direction": direction,
+                    **_clean(asdict(d))})
+    return out
+
+
 def _num(x: float, digits: int) -> str:
     return f"{x:.{digits}f}"
 

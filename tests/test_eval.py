@@ -57,6 +57,17 @@ def test_lm_eval_scores_a_trained_adapter(pytester, tmp_path_factory, monkeypatc
     assert m["eval.support_ppl.word_perplexity"] > 1.0
     assert m["train.adapter_bytes"] > 0 and (pytester.path / "results" / "ev" / rec["artifacts"]["adapter"]).is_dir()
     assert list((pytester.path / "results" / "ev" / "cache").glob("base-*.json"))  # base scored once, cached
+    # per-item rows (for paired bootstraps) rebuild lm-eval's own aggregates of every variant
+    from harness import stats
+
+    for variant, prefix in (("adapter", ""), ("merged", "merged_"), ("base", "base_")):
+        rows = rec["tables"][f"eval.items.{variant}"]
+        assert len([r for r in rows if r["task"] == "support_mc"]) == 12, variant
+        for metric in ("acc", "bits_per_byte"):
+            name = f"eval.{'support_mc' if metric == 'acc' else 'support_ppl'}.{prefix}{metric}"
+            arr = list(stats.item_metric(name).arrays(rows).values())
+            num, den = sum(a[0] for a in arr), sum(a[1] for a in arr)
+            assert float(stats.item_metric(name).finish(num / den)) == pytest.approx(m[name], rel=1e-9), name
 
 
 def _rolling_task() -> str:

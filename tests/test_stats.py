@@ -10,6 +10,8 @@ import pytest
 from harness import stats
 from harness.records import Record
 
+pytest_plugins = ["pytester"]
+
 
 def _binary(rng, n_seeds, n_items, delta, seed_sd=0.03, item_sd=0.08, shared_seed_sd=0.03):
     """Per-item 0/1 results of a method (true accuracy b + delta) and a reference (b), seeds × items.
@@ -172,3 +174,82 @@ def test_group_id_drops_only_the_seed():
     assert stats.group_id("smoke[qlora-nf4-seed1]") == "smoke[qlora-nf4]"
     assert stats.group_id("train[qlora-nf4-seed12-seq512]") == "train[qlora-nf4-seq512]"
     assert stats.group_id("smoke[seed3]") == "smoke"
+
+
+SUITE = """\
+name: q
+tiers: [cpu]
+model: {source: synthetic, preset: tiny-llama, num_layers: 1}
+stages: [quant]
+settings: {seed: 5}
+matrix:
+  method: [qlora-nf4, qlora-fp4]
+replicates: 3
+reference: qlora-nf4
+expectations:
+  - {compare: quant.rmse, method: qlora-fp4, margin: 0.0001}
+"""
+
+
+def _suite(tmp_path, text):
+    from harness.matrix import expand
+    from harness.spec import load_suite
+
+    path = tmp_path / "suites" / "q.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return expand(load_suite(path), path)
+
+
+def test_replicates_add_a_seed_axis_and_groups_follow(tmp_path):
+    cases = _suite(tmp_path, SUITE)
+    assert [c.case_id for c in cases] == [f"q[{m}-seed{s}]" for m in ("qlora-nf4", "qlora-fp4") for s in (5, 6, 7)]
+    assert [c.settings.seed for c in cases[:3]] == [5, 6, 7]
+    assert {stats.group_id(c.case_id) for c in cases} == {"q[qlora-nf4]", "q[qlora-fp4]"}
+
+
+@pytest.mark.parametrize("change, where, what", [
+    (("", ""), "", ""),
+    (("margin: 0.0001", "margin: 0"), "expectations[0].margin", "greater than 0"),
+    (("method: qlora-fp4, margin", "method: lora-bf16, margin"), "expectations[0]", "'lora-bf16' is not in the matrix"),
+    (("compare: quant.rmse", "compare: train.loss_first"), "expectations[0].compare", "has no direction"),
+    (("reference: qlora-nf4", "reference: nf5"), "reference", "unknown method 'nf5'"),
+    (("settings: {seed: 5}\nmatrix:", "matrix:\n  seed: [0, 1]"), "replicates",
+     "already has a 'seed' axis"),
+], ids=["ok", "margin", "method-not-in-matrix", "no-direction", "reference", "seed-axis-twice"])
+def test_suite_errors_name_the_field(tmp_path, change, where, what):
+    from harness.spec import SpecError
+
+    if not where:
+        assert len(_suite(tmp_path, SUITE)) == 6
+        return
+    with pytest.raises(SpecError) as err:
+        _suite(tmp_path, SUITE.replace(*change))
+    assert err.value.where == where and what in err.value.what, str(err.value)
+
+
+@pytest.mark.slow
+def test_noninferiority_items_run_after_their_groups(project):
+    """Through pytest: seeds expand, the expectation is judged after both groups ran, stats land in the run."""
+    import json
+
+    text = SUITE.replace("num_layers: 1}", "num_layers: 1}\ntimeout_s: 300").replace("replicates: 3", "replicates: 2")
+    text += "  - {compare: quant.rmse, method: qlora-fp4, margin: 0.01, name: loose}\n"
+    (project.path / "suites" / "q.yaml").write_text(text)
+    result = project.runpytest_subprocess("suites/", "-v", "-p", "no:randomly", "--run-id", "ni", "--no-report")
+    result.assert_outcomes(passed=5, failed=1)
+    result.stdout.fnmatch_lines([
+        "*q[[]qlora-fp4-seed6[]] PASSED*",
+        "*q[[]noninferior:quant.rmse:qlora-fp4~qlora-nf4[]] FAILED*",
+        "*q[[]noninferior:loose[]] PASSED*",
+    ])
+    assert "worse by at least" in result.stdout.str()
+    run = project.path / "results" / "ni"
+    data = json.loads((run / "stats" / "q.json").read_text())
+    assert data["reference"] == "qlora-nf4"
+    fp4 = data["groups"]["q[qlora-fp4]"]
+    assert fp4["seeds"] == [5, 6] and fp4["metrics"]["quant.rmse"]["n"] == 2
+    assert data["ratios"] == []  # no training: no speed or memory to compare
+    outcomes = {json.loads(p.read_text())["name"]: json.loads(p.read_text())["results"][0]["outcome"]
+                for p in (run / "stats" / "expectations").glob("*.json")}
+    assert outcomes == {"quant.rmse:qlora-fp4~qlora-nf4": "fail", "loose": "pass"}

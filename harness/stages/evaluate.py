@@ -37,11 +37,17 @@ def prepare_tasks(task_dir: Path, tasks: list[str], out: Path) -> tuple[list[str
     return shipped, len(shipped) < len(tasks)
 
 
-def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float]:
-    """lm-eval ``simple_evaluate`` over an ``HFLM`` wrapping an already built model (adapter applied by us)."""
+def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float, list[dict]]:
+    """lm-eval ``simple_evaluate`` over an ``HFLM`` wrapping an already built model (adapter applied by us).
+
+    Returns the aggregate scores, the seconds taken, and one row per eval item (harness.stats.item_table)
+    for the paired bootstrap between methods.
+    """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from harness.stats import item_table
 
     s = ctx.case.settings
     tasks = list(ctx.case.eval.tasks)
@@ -56,7 +62,7 @@ def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float]:
             num_fewshot=ctx.case.eval.num_fewshot,
             limit=s.eval_limit,
             task_manager=manager,
-            log_samples=False,
+            log_samples=True,  # per-item results: paired differences between methods need them
             bootstrap_iters=1000,
             random_seed=s.seed,
             verbosity="ERROR",
@@ -69,7 +75,7 @@ def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float]:
                 continue
             if value == value:  # lm-eval reports NaN stderr for single samples: leave it out
                 flat[f"{task}.{name}"] = float(value)
-    return flat, time.perf_counter() - t
+    return flat, time.perf_counter() - t, item_table(results.get("samples") or {})
 
 
 def _base_key(ctx: Context) -> str:
@@ -79,7 +85,7 @@ def _base_key(ctx: Context) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def base_scores(ctx: Context, tokenizer) -> tuple[dict[str, float], bool]:
+def base_scores(ctx: Context, tokenizer) -> tuple[dict[str, float], bool, list[dict]]:
     """Scores of the untrained base, computed once per model, quantization and tasks within a run."""
     from filelock import FileLock
 
@@ -90,13 +96,14 @@ def base_scores(ctx: Context, tokenizer) -> tuple[dict[str, float], bool]:
     cache.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache) + ".lock"):
         if cache.exists():
-            return json.loads(cache.read_text()), True
+            cached = json.loads(cache.read_text())
+            return cached["scores"], True, cached["items"]
         base = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device)
-        flat, seconds = score(base, tokenizer, ctx)
+        flat, seconds, items = score(base, tokenizer, ctx)
         flat["_seconds"] = seconds
-        cache.write_text(json.dumps(flat, indent=1))
+        cache.write_text(json.dumps({"scores": flat, "items": items}, indent=1))
         del base
-        return flat, False
+        return flat, False, items
 
 
 def _prefixed(flat: dict[str, float], variant: str) -> dict[str, float]:
@@ -197,14 +204,16 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
     tokenizer = inputs.adapter.tokenizer or models.load_tokenizer(ctx.source)
     adapter = inputs.adapter.path
 
-    base_flat, cached = base_scores(ctx, tokenizer)
+    base_flat, cached, base_items = base_scores(ctx, tokenizer)
+    out.tables["eval.items.base"] = base_items
     out.metrics.update(_prefixed(base_flat, "base"))
     out.metrics["eval.base_s"] = 0.0 if cached else base_flat["_seconds"]
 
     base = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device)
     model = PeftModel.from_pretrained(base, adapter)  # HFLM ignores peft= for a model object: wrap it here
     model.eval()
-    flat, seconds = score(model, tokenizer, ctx)
+    flat, seconds, items = score(model, tokenizer, ctx)
+    out.tables["eval.items.adapter"] = items
     out.metrics.update(_prefixed(flat, "adapter"))
     out.metrics["eval.adapter_s"] = seconds
     _deltas(out.metrics, flat, "base", "gain", +1)
@@ -221,7 +230,8 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
         if reference is not None:
             other = next_token_logprobs(merged, tokenizer, texts, ctx.device)
             out.metrics.update({f"eval.merge.{k}": v for k, v in agreement(reference, other).items()})
-        mflat, seconds = score(merged, tokenizer, ctx)
+        mflat, seconds, mitems = score(merged, tokenizer, ctx)
+        out.tables["eval.items.merged"] = mitems
         out.metrics.update(_prefixed(mflat, "merged"))
         out.metrics["eval.merged_s"] = seconds
         _deltas(out.metrics, flat, "merged", "merge_delta", -1)
