@@ -253,3 +253,44 @@ def test_noninferiority_items_run_after_their_groups(project):
     outcomes = {json.loads(p.read_text())["name"]: json.loads(p.read_text())["results"][0]["outcome"]
                 for p in (run / "stats" / "expectations").glob("*.json")}
     assert outcomes == {"quant.rmse:qlora-fp4~qlora-nf4": "fail", "loose": "pass"}
+
+
+def _replicated_run(tmp_path):
+    """A run folder: lora-bf16 and qlora-nf4, seeds 0-2, per-item rows; qlora-nf4 0.25 worse on 400 items."""
+    from harness.records import write_json_atomic, write_record
+
+    rng = np.random.default_rng(2)
+    b = rng.uniform(-0.1, 0.1, 400)
+    run = tmp_path / "rep"
+    write_json_atomic(run / "run.json", {"run_id": "rep", "started_at": "2026-11-23T10:00:00+00:00"})
+    for s, tps in zip((0, 1, 2), (1000.0, 1100.0, 1200.0), strict=True):
+        for method, acc, scale in (("lora-bf16", 0.75, 1.0), ("qlora-nf4", 0.50, 0.8)):
+            rec = _record(method, s, rng.random(400) < acc + b, tokens_per_s=tps * scale, suite="smoke")
+            rec.run_id = "rep"
+            rec.metrics["eval.support_mc.base_acc"] = 0.25
+            write_record(run, rec)
+    return run
+
+
+def test_headline_shows_intervals_differences_and_generated_verdicts(tmp_path):
+    from harness.report import headline
+
+    text = headline.table(_replicated_run(tmp_path), "smoke")
+    # tokens/s 1000, 1100, 1200: mean 1,100, sd 100, t(0.975, 2) · 100 / √3 = 248.4
+    assert "| lora-bf16 (n=3) | 1,100 ± 248 |" in text
+    assert "Δ to lora-bf16, support_mc acc [95% CI]" in text
+    line = next(x for x in text.splitlines() if x.startswith("- qlora-nf4 against lora-bf16: support_mc acc: worse by"))
+    assert "| qlora-nf4 (n=3) | 880 ± 199 | 0.250 → 0.4" in text
+    worse = float(line.split("worse by ")[1].split(" ")[0])
+    assert 0.2 < worse < 0.3
+    assert "95% intervals over 3 seeds" in text
+
+
+def test_report_draws_error_bars_and_the_difference_chart(tmp_path):
+    from harness.report import render_run
+
+    page = render_run(_replicated_run(tmp_path), tmp_path / "reports").read_text()
+    assert 'data-chart="differences"' in page or "chart-smoke-differences" in page
+    assert "arrayminus" in page  # error bars on the replicated throughput
+    assert "worse by" in page and "no detectable difference" not in page.split("worse by")[0][-2000:]
+    assert "smoke[qlora-nf4]" in page or "qlora-nf4" in page

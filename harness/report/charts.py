@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from harness import methods
+from harness import methods, metrics, stats
 from harness.records import Record
 from harness.report.data import case_label
 
@@ -103,6 +103,51 @@ def _with(records: list[Record], *names: str) -> list[Record]:
     return [r for r in records if any(_value(r, n) is not None for n in names)]
 
 
+@dataclass
+class Point:
+    """A bar or marker: one case, or the mean of a replicate group with its 95% interval over seeds."""
+
+    label: str
+    y: float
+    method: str
+    minus: float | None = None  # error bar below and above the mean
+    plus: float | None = None
+    n: int = 1
+
+
+def replicated(records: list[Record]) -> bool:
+    """True when some case of these records was run with several seeds."""
+    return any(len(g.records) > 1 for g in stats.groups(records))
+
+
+def points(records: list[Record], name: str) -> list[Point]:
+    """Per replicate group (mean and interval) when the records hold replicates, else one point per record."""
+    if not replicated(records):
+        return [Point(case_label(r.case_id), _value(r, name), r.method) for r in _with(records, name)]
+    out = []
+    for g in stats.groups(records):
+        s = stats.t_interval(g.values(name))
+        if s.n == 0:
+            continue
+        ok = s.n > 1 and math.isfinite(s.lo)
+        out.append(Point(case_label(g.group_id), s.mean, g.method, s.mean - s.lo if ok else None,
+                         s.hi - s.mean if ok else None, s.n))
+    return out
+
+
+def _error_y(pts: list[Point]) -> dict | None:
+    """plotly error bars for these points (None when none has an interval)."""
+    if not any(p.plus is not None for p in pts):
+        return None
+    return dict(type="data", symmetric=False, array=[p.plus or 0 for p in pts],
+                arrayminus=[p.minus or 0 for p in pts], color="#333", thickness=1.2, width=4)
+
+
+def _hover_n(pts: list[Point]) -> list[str]:
+    return [f" (mean of {p.n} seeds, 95% interval {p.y - p.minus:.4g} to {p.y + p.plus:.4g})" if p.plus is not None
+            else "" for p in pts]
+
+
 def _fig(**layout) -> go.Figure:
     fig = go.Figure()
     fig.update_layout(**{**LAYOUT, **layout})
@@ -150,11 +195,11 @@ def throughput_chart(records: list[Record]) -> Chart | None:
     fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[t for _, t in shown], horizontal_spacing=0.12)
     fig.update_layout(**{**LAYOUT, "showlegend": False, "margin": {**LAYOUT["margin"], "t": 40}})
     for col, (name, label) in enumerate(shown, start=1):
-        recs = _with(records, name)
+        pts = points(records, name)
         fig.add_bar(
-            x=[case_label(r.case_id) for r in recs], y=[_value(r, name) for r in recs], name=label,
-            marker_color=[colour(r.method) for r in recs], row=1, col=col,
-            hovertemplate="%{x}<br>" + label + ": %{y:.4g}<extra></extra>",
+            x=[p.label for p in pts], y=[p.y for p in pts], name=label, error_y=_error_y(pts),
+            marker_color=[colour(p.method) for p in pts], row=1, col=col, customdata=_hover_n(pts),
+            hovertemplate="%{x}<br>" + label + ": %{y:.4g}%{customdata}<extra></extra>",
         )
     if shown[-1][0] == "train.mfu":
         fig.update_yaxes(tickformat=".1%", row=1, col=len(shown))
@@ -167,15 +212,16 @@ def rmse_chart(records: list[Record]) -> Chart | None:
     recs = _with(records, "quant.rmse", "quant.int4_ref.rmse")
     if not recs:
         return None
-    x = [case_label(r.case_id) for r in recs]
     fig = _fig(barmode="group", yaxis_title="RMSE")
+    pts = points(recs, "quant.rmse")
     fig.add_bar(
-        x=x, y=[_value(r, "quant.rmse") for r in recs], name="RMSE", marker_color=[colour(r.method) for r in recs],
-        hovertemplate="%{x}<br>RMSE %{y:.4f}<extra></extra>",
+        x=[p.label for p in pts], y=[p.y for p in pts], name="RMSE", marker_color=[colour(p.method) for p in pts],
+        error_y=_error_y(pts), customdata=_hover_n(pts), hovertemplate="%{x}<br>RMSE %{y:.4f}%{customdata}<extra></extra>",
     )
-    if _with(recs, "quant.int4_ref.rmse"):
+    ref = points(recs, "quant.int4_ref.rmse")
+    if ref:
         fig.add_bar(
-            x=x, y=[_value(r, "quant.int4_ref.rmse") for r in recs], name="int4 absmax reference",
+            x=[p.label for p in ref], y=[p.y for p in ref], name="int4 absmax reference", error_y=_error_y(ref),
             marker_color="#bbbbbb", marker_pattern_shape="/", hovertemplate="%{x}<br>int4 ref %{y:.4f}<extra></extra>",
         )
     return Chart("rmse", "Quantization error per method (RMSE, lower is better)", fig, wide=len(recs) > 8)
@@ -253,15 +299,15 @@ def pareto_chart(records: list[Record]) -> Chart | None:
     shown: set[str] = set()
     for col, task in enumerate(tasks, start=1):
         name = f"eval.{task}.acc"
-        pts = sorted(
-            (_value(r, xname), _value(r, name), r.method, r.case_id)
-            for r in records if _value(r, name) is not None and _value(r, xname) is not None
-        )
+        xs = {p.label: p for p in points(records, xname)}
+        ys = {p.label: p for p in points(records, name)}
+        pts = sorted((xs[k].y, ys[k].y, ys[k].method, k, xs[k], ys[k]) for k in ys if k in xs)
         for method in dict.fromkeys(p[2] for p in pts):
             mine = [p for p in pts if p[2] == method]
             fig.add_scatter(
                 x=[p[0] for p in mine], y=[p[1] for p in mine], mode="markers", name=method, legendgroup=method,
-                showlegend=method not in shown, text=[case_label(p[3]) for p in mine], row=1, col=col,
+                showlegend=method not in shown, text=[p[3] for p in mine], row=1, col=col,
+                error_x=_error_y([p[4] for p in mine]), error_y=_error_y([p[5] for p in mine]),
                 marker=dict(size=12, color=colour(method), line=dict(width=1, color="#333")),
                 hovertemplate="%{text}<br>%{x:.3f} GiB · acc %{y:.3f}<extra>" + task + "</extra>",
             )
@@ -282,8 +328,38 @@ def pareto_chart(records: list[Record]) -> Chart | None:
                  wide=len(tasks) > 1)
 
 
+def difference_chart(records: list[Record]) -> Chart | None:
+    """Each method minus the reference on every quality metric, with the paired 95% interval (seeds × items)."""
+    suites = stats.run_stats(records).get("suites", {})
+    diffs = [d for st in suites.values() for d in st["differences"] if d.get("lo") is not None]
+    if not diffs:
+        return None
+    names = list(dict.fromkeys(d["metric"] for d in diffs))
+    ref = next(iter(suites.values()))["reference"]
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=[n.removeprefix("eval.") for n in names],
+                        horizontal_spacing=0.12)
+    fig.update_layout(**{**LAYOUT, "showlegend": False, "margin": {**LAYOUT["margin"], "t": 40, "l": 110}})
+    for col, name in enumerate(names, start=1):
+        mine = [d for d in diffs if d["metric"] == name]
+        fig.add_scatter(
+            x=[d["estimate"] for d in mine], y=[case_label(d["group"]) for d in mine], mode="markers", row=1, col=col,
+            marker=dict(size=10, color=[colour(d["method"]) for d in mine], line=dict(width=1, color="#333")),
+            error_x=dict(type="data", symmetric=False, array=[d["hi"] - d["estimate"] for d in mine],
+                         arrayminus=[d["estimate"] - d["lo"] for d in mine], color="#333", thickness=1.2, width=4),
+            customdata=[[d["lo"], d["hi"], d["verdict"]] for d in mine],
+            hovertemplate="%{y}: %{x:+.4f} [%{customdata[0]:+.4f}, %{customdata[1]:+.4f}]<br>%{customdata[2]}"
+                          "<extra></extra>",
+        )
+        fig.add_vline(x=0, line_dash="dot", line_color="#888", line_width=1, row=1, col=col)
+        better = {"higher": "→ better", "lower": "← better"}.get(metrics.direction(name), "")
+        fig.update_xaxes(title_text=f"difference to {ref} {better}", row=1, col=col)
+    return Chart("differences", f"Difference to {ref} with its 95% interval (paired over seeds and eval items)",
+                 fig, wide=len(names) > 1)
+
+
 CHARTS: tuple[Callable[[list[Record]], Chart | None], ...] = (
     memory_chart, throughput_chart, rmse_chart, bits_chart, layer_rmse_chart, loss_chart, pareto_chart,
+    difference_chart,
 )
 
 
@@ -294,8 +370,6 @@ def suite_charts(records: list[Record]) -> list[Chart]:
 
 def across_runs_chart(metric: str, runs: list[tuple[str, list[Record]]]) -> Chart | None:
     """One metric per case, a bar per run (for ``render_many``)."""
-    from harness import metrics
-
     traces = [(rid, _with(recs, metric)) for rid, recs in runs]
     if not any(recs for _, recs in traces):
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from harness import stats
 from harness.methods import METHODS
 from harness.records import Record, iter_records
 
@@ -47,22 +48,101 @@ def _cell(r: Record, metric: str | None, fmt: str) -> str:
     return fmt.format(value)
 
 
+def _group_cell(g: stats.Group, summary: dict[str, stats.Summary], metric: str | None, fmt: str) -> str:
+    """A replicate group's cell: ``mean ± half-width of the 95% interval over seeds`` (n > 1), else as one record."""
+    if len(g.records) == 1:
+        return _cell(g.records[0], metric, fmt)
+    name = "eval.support_mc.acc" if metric is None else metric
+    if name not in summary or (metric is not None and metric.endswith("_gap")):
+        return ""
+    s = summary[name]
+    scale = 1e6 if name.endswith("_bytes") else 1.0
+    fmt = fmt if metric is not None else "{:.3f}"
+    text = fmt.format(s.mean / scale)
+    if s.n > 1 and s.half_width == s.half_width and s.half_width > 0:
+        text += " ± " + fmt.format(s.half_width / scale).lstrip("+")
+    if metric is None and "eval.support_mc.base_acc" in summary:
+        text = f"{summary['eval.support_mc.base_acc'].mean:.3f} → {text}"
+    return text
+
+
+# Quality differences to the reference shown as their own columns (metric, header).
+DIFFERENCES = (("eval.support_mc.acc", "Δ support_mc acc [95% CI]"),
+               ("eval.support_ppl.bits_per_byte", "Δ held-out bits/byte [95% CI]"))
+
+
+def _diff_text(d: dict | None) -> str:
+    if not d or d.get("lo") is None:
+        return ""
+    k = stats.digits_for((d["hi"] - d["lo"]) / 2)
+    return f"{d['estimate']:+.{k}f} [{d['lo']:+.{k}f}, {d['hi']:+.{k}f}]"
+
+
 def table(run_dir: Path, suite: str = "smoke") -> str:
-    """Markdown: the methods of one suite of a run, in the usual order, only columns the run measured."""
+    """Markdown: the methods of one suite of a run, in the usual order, only columns the run measured.
+
+    Replicate groups show mean ± the half-width of the 95% interval over seeds; differences to the reference
+    method come with their paired interval, and a verdict line per method follows the table.
+    """
     records = sorted((r for r in iter_records(run_dir) if r.suite == suite),
                      key=lambda r: _order(r.method))
-    cols = [c for c in COLUMNS if any(_cell(r, c[1], c[2]) for r in records)]
-    lines = ["| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for r in records:
-        lines.append(f"| {r.method} | " + " | ".join(_cell(r, c[1], c[2]) for c in cols) + " |")
+    groups = stats.groups(records) or []
+    ref = _reference(run_dir, suite)
+    st = stats.run_stats(records, {suite: ref}).get("suites", {}).get(suite, {})
+    diffs = {(d["group"], d["metric"]): d for d in st.get("differences", [])}
+    shown_diffs = [(m, h) for m, h in DIFFERENCES
+                   if any(_diff_text(diffs.get((g.group_id, m))) for g in groups)]
+    summaries = {g.group_id: stats.summarise(g) for g in groups}
+    columns = [c for c in COLUMNS if not (shown_diffs and c[1] == "eval.support_mc.acc_gap")]
+    cols = [c for c in columns if any(_group_cell(g, summaries[g.group_id], c[1], c[2]) for g in groups)]
+    heads = [c[0] for c in cols] + [h.replace("Δ", f"Δ to {ref},", 1) for _, h in shown_diffs]
+    lines = ["| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for g in groups:
+        cells = [_group_cell(g, summaries[g.group_id], c[1], c[2]) for c in cols]
+        cells += [_diff_text(diffs.get((g.group_id, m))) for m, _ in shown_diffs]
+        label = g.method + (f" (n={len(g.records)})" if len(g.records) > 1 else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    verdicts = _verdicts(groups, diffs, ref)
+    if verdicts:
+        lines += ["", *verdicts]
     env = records[0].env if records else {}
     gpu = (env.get("gpu") or {}).get("name") or f"CPU: {(env.get('cpu') or {}).get('name')}"
     v = env.get("versions", {})
     lines.append("")
     versions = ", ".join(f"{k.replace('_', '-')} {ver}" for k, ver in v.items()
                          if k not in ("nvidia-ml-py", "qlora-harness", "datasets", "accelerate") and ver)
-    lines.append(f"Measured on {gpu}; {versions}; run `{records[0].run_id if records else ''}`, suite `{suite}`.")
+    seeds = max((len(g.records) for g in groups), default=1)
+    intervals = (f" ± and brackets: 95% intervals over {seeds} seeds (and eval items, paired, for Δ)."
+                 if seeds > 1 else "")
+    lines.append(f"Measured on {gpu}; {versions}; run `{records[0].run_id if records else ''}`, suite `{suite}`."
+                 f"{intervals}")
     return "\n".join(lines)
+
+
+def _reference(run_dir: Path, suite: str) -> str:
+    """The suite's reference method as the run stored it (``stats/<suite>.json``), else lora-bf16."""
+    import json
+
+    p = Path(run_dir) / "stats" / f"{suite}.json"
+    try:
+        return json.loads(p.read_text()).get("reference") or stats.REFERENCE
+    except (OSError, ValueError):
+        return stats.REFERENCE
+
+
+def _verdicts(groups: list[stats.Group], diffs: dict, ref: str) -> list[str]:
+    """``- qlora-nf4: support_mc acc: no detectable difference within ±0.030; …``, generated from the intervals."""
+    out = []
+    for g in groups:
+        parts = []
+        for metric, _ in DIFFERENCES:
+            d = diffs.get((g.group_id, metric))
+            if d and d.get("lo") is not None:
+                label = metric.removeprefix("eval.").replace(".", " ")
+                parts.append(f"{label}: {d['verdict']}")
+        if parts:
+            out.append(f"- {g.method} against {ref}: " + "; ".join(parts) + ".")
+    return out
 
 
 def embedded(readme: Path) -> str:

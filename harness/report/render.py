@@ -140,6 +140,7 @@ def render_run(run_dir: Path, reports_dir: Path, *, baseline: Path | str | None 
             "table": tables.suite_table(records, base),
             "all": tables.all_metrics(records),
             "charts": _chart_views(suite, ch.suite_charts(records)),
+            "stats": _stats_view(run_dir, suite, records),
             "csv": f"{run.run_id}/{csv_links[suite].name}" if suite in csv_links else "",
             "md": f"{run.run_id}/{suite}.md" if suite in csv_links else "",
         })
@@ -150,6 +151,41 @@ def render_run(run_dir: Path, reports_dir: Path, *, baseline: Path | str | None 
         baseline=str(baseline) if baseline is not None else "", baseline_id=base_id,
         title=f"{run.run_id} · qlora-harness",
     )
+
+
+def _stats_view(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
+    """Differences to the reference with intervals and generated verdicts, speed/memory ratios, expectations."""
+    import json
+
+    from harness import stats
+    from harness.report.headline import _reference
+
+    ref = _reference(run_dir, suite)
+    st = stats.run_stats(records, {suite: ref}).get("suites", {}).get(suite, {})
+
+    def interval(d: dict[str, Any], k: int | None = None) -> str:
+        if d.get("lo") is None:
+            return f"{d['estimate']:+.4g} (no interval)"
+        k = k if k is not None else stats.digits_for((d["hi"] - d["lo"]) / 2)
+        return f"{d['estimate']:+.{k}f} [{d['lo']:+.{k}f}, {d['hi']:+.{k}f}]"
+
+    diffs = [{"method": d["method"], "metric": d["metric"], "text": interval(d), "verdict": d["verdict"],
+              "basis": (f"{d['n_seeds'][0]}+{d['n_seeds'][1]} seeds" + (" paired" if d["paired_seeds"] else "")
+                        + (f" × {d['n_items']} items" if d["n_items"] else ""))}
+             for d in st.get("differences", [])]
+    ratios = [{"method": r["method"], "metric": r["metric"],
+               "text": f"{r['estimate']:.3f}×" + (f" [{r['lo']:.3f}, {r['hi']:.3f}]" if r.get("lo") is not None else ""),
+               "basis": f"{r['n_seeds'][0]}+{r['n_seeds'][1]} seeds"} for r in st.get("ratios", [])]
+    checks = []
+    for p in sorted((Path(run_dir) / "stats" / "expectations").glob("*.json")):
+        try:
+            data = json.loads(p.read_text())
+        except ValueError:
+            continue
+        if data.get("suite") == suite:
+            checks += [{"name": data.get("name", p.stem), **r} for r in data.get("results", [])]
+    replicated = any(len(g.records) > 1 for g in stats.groups(records))
+    return {"reference": ref, "differences": diffs, "ratios": ratios if replicated else [], "checks": checks}
 
 
 def _stale(page: Path, run_dir: Path) -> bool:
