@@ -172,6 +172,8 @@ class SuiteFile(pytest.File):
             elif isinstance(exp, NonInferiorityExpectation):
                 yield NonInferiorityItem.from_parent(self, name=f"{suite.name}[noninferior:{exp.label(suite.reference)}]",
                                                      exp=exp, cases=cases, suite=suite)
+        if suite.replicates > 1 and self.config.getoption("baseline"):
+            yield BaselineGroupItem.from_parent(self, name=f"{suite.name}[baseline]", cases=cases, suite=suite)
 
 
 class CaseItem(pytest.Item):
@@ -275,6 +277,46 @@ class NonInferiorityItem(pytest.Item):
         unclear = [r["message"] for r in results if r["outcome"] == "inconclusive"]
         if unclear:
             pytest.skip("inconclusive: " + "; ".join(unclear))
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, CaseFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, None, self.name
+
+
+class BaselineGroupItem(pytest.Item):
+    """Replicated cases against ``--baseline`` by group: a regression only when the interval over seeds of the
+    relative change lies beyond the tolerance (single cases of a replicated suite are not compared alone)."""
+
+    def __init__(self, *, cases, suite, **kwargs):
+        super().__init__(**kwargs)
+        self.cases = cases
+        self.suite = suite
+
+    def runtest(self):
+        from harness import stats
+        from harness.records import write_json_atomic
+
+        run = self.config.stash[RUN_KEY]
+        selected = {i.case.case_id for i in self.session.items if isinstance(i, CaseItem)}
+        cases = [c for c in self.cases if c.case_id in selected and run.not_selected(c) is None]
+        if not cases:
+            pytest.skip("none of its cases ran in this session")
+        wait_s = sum(c.timeout_s for c in cases) if hasattr(self.config, "workerinput") else 0
+        records = _wait_records(run, self.suite.name, {c.case_id for c in cases}, wait_s)
+        base = [r for r in (_baseline(self.config) or {}).values() if r.suite == self.suite.name]
+        changes = stats.compare_groups([records[c.case_id] for c in cases if c.case_id in records], base,
+                                       self.suite.tolerances)
+        if not changes:
+            pytest.skip("the baseline has no group of these settings")
+        write_json_atomic(run.dir / "stats" / "baseline" / f"{_slug(self.suite.name)}.json",
+                          [{**stats.as_json(c), "message": c.message} for c in changes], overwrite=True)
+        bad = [c.message for c in changes if c.regressed]
+        if bad:
+            raise CaseFailed("; ".join(bad))
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, CaseFailed):

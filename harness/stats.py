@@ -447,6 +447,69 @@ def verdict(d: Difference) -> str:
     return f"{'better' if better else 'worse'} by {_num(abs(d.estimate), k)} [{_num(mag[0], k)}, {_num(mag[1], k)}]"
 
 
+# -- against a baseline --------------------------------------------------------------------------------
+
+@dataclass
+class GroupChange:
+    """One metric of one replicate group, baseline seeds against new seeds, as a relative change with interval."""
+
+    group: str
+    metric: str
+    old: float  # mean over the baseline's seeds
+    new: float
+    rel: float  # (new - old) / |old|
+    lo: float  # 95% interval of rel (NaN without replicates on either side)
+    hi: float
+    tolerance: float
+    n: tuple[int, int]  # (baseline seeds, new seeds)
+    regressed: bool
+    improved: bool
+
+    @property
+    def message(self) -> str:
+        verdict = "regressed" if self.regressed else "improved" if self.improved else "within tolerance"
+        interval = f" [{self.lo * 100:+.1f}%, {self.hi * 100:+.1f}%]" if math.isfinite(self.lo) else ""
+        return (f"{self.metric} of {self.group} {verdict}: {self.old:.4g} -> {self.new:.4g} "
+                f"({self.rel * 100:+.1f}%{interval} over {self.n[0]} -> {self.n[1]} seeds, "
+                f"tolerance {self.tolerance * 100:g}%)")
+
+
+def compare_groups(new: Iterable[Any], base: Iterable[Any], tolerances: Mapping[str, float] | None = None,
+                   ) -> list[GroupChange]:
+    """Replicate groups of ``new`` against the baseline's groups of the same settings, metric by metric.
+
+    A regression needs the whole 95% interval of the relative change (Welch, over seeds) beyond the
+    tolerance on the worse side; where neither side has replicates the point change decides, as a
+    per-case comparison would.
+    """
+    from harness.compare import tolerance_for
+
+    old_groups = {_params_key(g.params) + (g.suite,): g for g in groups(base)}
+    out = []
+    for g in groups(new):
+        old = old_groups.get(_params_key(g.params) + (g.suite,))
+        if old is None:
+            continue
+        for name in dict.fromkeys(k for r in g.records for k in r.metrics):
+            direction = metrics.direction(name)
+            vn, vo = g.values(name), old.values(name)
+            if direction == "none" or not len(vn) or not len(vo) or vo.mean() == 0:
+                continue
+            est, lo, hi = seed_difference(vn, vo, paired=False)
+            scale = abs(float(vo.mean()))
+            rel, rlo, rhi = est / scale, lo / scale, hi / scale
+            tol = tolerance_for(name, tolerances)
+            worse_lo, worse_hi = (rlo, rhi) if direction == "lower" else (-rhi, -rlo)
+            point_worse = rel if direction == "lower" else -rel
+            if math.isfinite(rlo):
+                regressed, improved = bool(worse_lo > tol), bool(worse_hi < 0)
+            else:
+                regressed, improved = bool(point_worse > tol), bool(point_worse < 0)
+            out.append(GroupChange(g.group_id, name, float(vo.mean()), float(vn.mean()), rel, rlo, rhi, tol,
+                                   (len(vo), len(vn)), regressed, improved))
+    return out
+
+
 # -- a whole run ---------------------------------------------------------------------------------------
 
 SPEED_MEMORY = ("*tokens_per_s", "*samples_per_s", "*_gib", "*_ms", "*.mfu")
@@ -511,6 +574,11 @@ def run_stats(records: Iterable[Any], references: Mapping[str, str] | None = Non
                         suite_out["ratios"].append({**_clean(asdict(rt)), "method": g.method})
         out["suites"][suite] = suite_out
     return out
+
+
+def as_json(value: Any) -> dict[str, Any]:
+    """A result dataclass (Difference, Ratio, GroupChange) as a JSON-ready dict."""
+    return _clean(asdict(value))
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:

@@ -294,3 +294,30 @@ def test_report_draws_error_bars_and_the_difference_chart(tmp_path):
     assert "arrayminus" in page  # error bars on the replicated throughput
     assert "worse by" in page and "no detectable difference" not in page.split("worse by")[0][-2000:]
     assert "smoke[qlora-nf4]" in page or "qlora-nf4" in page
+
+
+def _tps_records(run_id, values, method="qlora-nf4"):
+    return [Record(run_id=run_id, suite="q", case_id=f"q[{method}-seed{s}]", method=method,
+                   params={"method": method, "seed": s}, status="passed", metrics={"train.tokens_per_s": v})
+            for s, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("new, regressed", [
+    ([600.0, 850.0, 1100.0], False),  # -15% on average, but the seeds spread over ±50%: not shown to be worse
+    ([700.0, 710.0, 690.0], True),  # -30%, tight: a regression
+    ([1050.0, 1040.0, 1060.0], False),  # better
+])
+def test_baseline_regression_needs_the_interval_beyond_tolerance(new, regressed):
+    from harness.compare import compare
+
+    base = _tps_records("old", [1000.0, 1010.0, 990.0])
+    [change] = stats.compare_groups(_tps_records("new", new), base)
+    assert change.regressed is regressed, change.message
+    assert change.n == (3, 3) and change.tolerance == pytest.approx(0.10)
+    if new[0] == 600.0:  # the per-case comparison of one seed would have called it a regression
+        assert any(c.regressed for c in compare(_tps_records("new", new)[0], base[0]))
+
+
+def test_baseline_without_replicates_falls_back_to_the_point_change():
+    [change] = stats.compare_groups(_tps_records("new", [850.0]), _tps_records("old", [1000.0]))
+    assert change.regressed and math.isnan(change.lo)
