@@ -131,7 +131,7 @@ def _check_ratios(suite: Suite, cases: list[Case], path: Path) -> None:
                 raise SpecError(path, f"expectations[{i}].{side}", f"{short(selector)} selects no case of the matrix")
         keys = set(exp.numerator) | set(exp.denominator)
 
-        def others(c: Case) -> tuple:
+        def others(c: Case, keys: set = keys) -> tuple:
             return tuple(sorted((k, repr(v)) for k, v in c.axes.items() if k not in keys))
 
         if not {others(c) for c in nums} & {others(c) for c in dens}:

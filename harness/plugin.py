@@ -6,6 +6,7 @@ A thin adapter: the work is done by harness.spec, harness.matrix, harness.runner
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -307,7 +308,7 @@ class BaselineGroupItem(pytest.Item):
             pytest.skip("none of its cases ran in this session")
         wait_s = sum(c.timeout_s for c in cases) if hasattr(self.config, "workerinput") else 0
         records = _wait_records(run, self.suite.name, {c.case_id for c in cases}, wait_s)
-        base = [r for r in (_baseline(self.config) or {}).values() if r.suite == self.suite.name]
+        base = [r for r in (run.baseline or {}).values() if r.suite == self.suite.name]
         changes = stats.compare_groups([records[c.case_id] for c in cases if c.case_id in records], base,
                                        self.suite.tolerances)
         if not changes:
