@@ -427,7 +427,8 @@ def _check_semantics(path: Path, suite: Suite) -> None:
         for key in selectors:
             if key not in known:
                 raise SpecError(path, f"expectations[{i}]", f"selects on unknown setting {short(key)}")
-        field = "metric" if isinstance(exp, MetricExpectation) else "ratio"
+        field = ("metric" if isinstance(exp, MetricExpectation) else
+                 "compare" if isinstance(exp, NonInferiorityExpectation) else "ratio")
         why = metrics.unknown_metric(getattr(exp, field), suite.stages, suite.eval.tasks if suite.eval else ())
         if why:
             raise SpecError(path, f"expectations[{i}].{field}", why)
