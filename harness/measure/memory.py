@@ -4,61 +4,163 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 GIB = 2**30
+GB = 10**9  # claims such as 'about 10 GB' are decimal gigabytes
+
+
+@dataclass(frozen=True)
+class NvmlDevice:
+    """One physical GPU as NVML numbers it (by PCI bus id), with what CUDA's enumeration order needs."""
+
+    index: int  # NVML index: PCI bus order
+    uuid: str  # "GPU-8e3c..."
+    pci_bus_id: str
+    capability: tuple[int, int]
+    speed: float  # multiprocessors x max SM clock where NVML says, else the max SM clock
+    mig: tuple[str, ...] = ()  # "MIG-..." uuids of its MIG instances, if MIG mode is on
+
+
+def list_devices(nv) -> list[NvmlDevice]:
+    """Every GPU NVML sees, in NVML (PCI bus) order; ``nv`` is the pynvml module."""
+    out = []
+    for i in range(nv.nvmlDeviceGetCount()):
+        h = nv.nvmlDeviceGetHandleByIndex(i)
+        uuid = _text(nv.nvmlDeviceGetUUID(h))
+        bus = _text(nv.nvmlDeviceGetPciInfo(h).busId)
+        try:
+            cc = tuple(nv.nvmlDeviceGetCudaComputeCapability(h))
+        except (nv.NVMLError, AttributeError):
+            cc = (0, 0)
+        speed = 0.0
+        try:
+            speed = float(nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM))
+            speed *= float(nv.nvmlDeviceGetNumGpuCores(h))
+        except (nv.NVMLError, AttributeError):  # the clock alone (older drivers lack the core count)
+            pass
+        mig: list[str] = []
+        try:
+            if nv.nvmlDeviceGetMigMode(h)[0] == nv.NVML_DEVICE_MIG_ENABLE:
+                for j in range(nv.nvmlDeviceGetMaxMigDeviceCount(h)):
+                    try:
+                        mig.append(_text(nv.nvmlDeviceGetUUID(nv.nvmlDeviceGetMigDeviceHandleByIndex(h, j))))
+                    except nv.NVMLError:  # an empty MIG slot
+                        continue
+        except (nv.NVMLError, AttributeError):
+            pass
+        out.append(NvmlDevice(i, uuid, bus, cc, speed, tuple(mig)))
+    return out
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def cuda_order(devices: list[NvmlDevice], order: str | None) -> list[NvmlDevice]:
+    """The devices as CUDA numbers them: ``PCI_BUS_ID`` as NVML does; ``FASTEST_FIRST`` (CUDA's default)
+    by compute capability, then speed, fastest first, ties by PCI bus id (CUDA's heuristic, approximated)."""
+    if (order or "FASTEST_FIRST").upper() == "PCI_BUS_ID":
+        return sorted(devices, key=lambda d: d.pci_bus_id.lower())
+    return sorted(devices, key=lambda d: (-d.capability[0], -d.capability[1], -d.speed, d.pci_bus_id.lower()))
+
+
+def resolve_visible(devices: list[NvmlDevice], visible: str | None, order: str | None = None) -> list[str]:
+    """UUIDs (GPU-... or MIG-...) of the devices a process sees, as CUDA resolves CUDA_VISIBLE_DEVICES.
+
+    Entries are CUDA indices (in ``order``), GPU UUIDs or MIG UUIDs (unique prefixes allowed); as in CUDA,
+    the first entry that names no device ends the list, and a repeated device empties it. Unset means all
+    devices in CUDA order.
+    """
+    ordered = cuda_order(devices, order)
+    if visible is None:
+        return [d.uuid for d in ordered]
+    known = [d.uuid for d in ordered] + [m for d in ordered for m in d.mig]
+    out: list[str] = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isdigit():
+            uuid = ordered[int(entry)].uuid if int(entry) < len(ordered) else None
+        else:
+            matches = [u for u in known if u.startswith(entry)] if entry.startswith(("GPU-", "MIG-")) else []
+            uuid = matches[0] if len(matches) == 1 else None
+        if uuid is None:
+            break
+        if uuid in out:
+            return []
+        out.append(uuid)
+    return out
 
 
 class _Nvml:
-    """This process's GPU memory from NVML, or the whole device's where the process is not visible."""
+    """NVML memory of the devices this process uses: its own usage per device where NVML lists the
+    process, else the whole device's (the fallback, named in the record). Visibility is decided at every
+    sample, so samples taken before the CUDA context exists do not decide it for the run."""
 
-    def __init__(self, index: int):
-        import pynvml
-
-        self.nv = pynvml
-        pynvml.nvmlInit()
-        self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    def __init__(self, nv=None, uuids: list[str] | None = None):
+        if nv is None:
+            import pynvml as nv
+        self.nv = nv
+        nv.nvmlInit()
+        if uuids is None:
+            uuids = resolve_visible(list_devices(nv), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                    os.environ.get("CUDA_DEVICE_ORDER"))
+        self.uuids = uuids
+        self.handles = [nv.nvmlDeviceGetHandleByUUID(u) for u in uuids]
         self.pid = os.getpid()
-        self.process_visible = self.process_bytes() is not None
 
-    def process_bytes(self) -> int | None:
+    def process_bytes(self, handle) -> int | None:
+        """This process's bytes on one device, None where NVML does not list it (yet, or ever)."""
         try:
-            procs = self.nv.nvmlDeviceGetComputeRunningProcesses(self.handle)
+            procs = self.nv.nvmlDeviceGetComputeRunningProcesses(handle)
         except self.nv.NVMLError:
             return None
         used = [p.usedGpuMemory for p in procs if p.pid == self.pid and p.usedGpuMemory is not None]
         return sum(used) if used else None
 
-    def device_bytes(self) -> int:
-        return self.nv.nvmlDeviceGetMemoryInfo(self.handle).used
+    def device_bytes(self, handle) -> int:
+        return self.nv.nvmlDeviceGetMemoryInfo(handle).used
 
-
-def _nvml_index() -> int:
-    """NVML numbers devices physically; CUDA_VISIBLE_DEVICES=3 means NVML device 3 is our cuda:0."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    return int(visible) if visible.isdigit() else 0
+    def read(self) -> dict[str, int]:
+        """Per device ``nvml_device:<i>`` and, where visible, ``nvml_process:<i>``; the sums over devices
+        ``nvml_device`` and ``nvml_process`` (the latter only when the process is visible on every device)."""
+        out: dict[str, int] = {}
+        procs = []
+        for i, h in enumerate(self.handles):
+            out[f"nvml_device:{i}"] = self.device_bytes(h)
+            pb = self.process_bytes(h)
+            procs.append(pb)
+            if pb is not None:
+                out[f"nvml_process:{i}"] = pb
+        out["nvml_device"] = sum(out[f"nvml_device:{i}"] for i in range(len(self.handles)))
+        if procs and all(p is not None for p in procs):
+            out["nvml_process"] = sum(procs)
+        return out
 
 
 class Sampler:
-    """Polls RSS (always) and NVML memory (on CUDA) every ``interval_s`` in a background thread.
+    """Polls RSS (always) and NVML memory of every device the case uses (on CUDA) in a background thread.
 
-    Peaks are kept per phase (``with sampler.phase("train"): ...``) so loading and training are reported apart.
+    Peaks are kept per phase (``with sampler.phase("train"): ...``) so loading and training are reported
+    apart; per device and summed over devices (the peak of the per-sample sum, not a sum of peaks).
     """
 
-    def __init__(self, interval_s: float = 0.005, cuda: bool = False):
+    def __init__(self, interval_s: float | None = None, cuda: bool = False, nvml: _Nvml | None = None):
         import psutil
 
-        self.interval_s = interval_s  # ≤ 10 ms, as optimum-benchmark does
+        # <= 10 ms on a GPU, as optimum-benchmark does; on the CPU the thread competes with the training
+        # threads for the same cores, and RSS moves slowly: 50 ms keeps its cost under 1%
+        self.interval_s = interval_s if interval_s is not None else (0.005 if cuda else 0.05)
         self.proc = psutil.Process()
-        self.nvml: _Nvml | None = None
-        if cuda:
+        self.nvml: _Nvml | None = nvml
+        if cuda and nvml is None:
             try:
-                self.nvml = _Nvml(_nvml_index())
+                self.nvml = _Nvml()
             except Exception:  # no NVML (driver libs missing): the torch allocator figures remain
                 self.nvml = None
         self.peaks: dict[str, dict[str, int]] = {}
+        self.seen: dict[str, dict[str, int]] = {}  # per phase: samples with and without a process figure
         self._current: str | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -68,11 +170,7 @@ class Sampler:
     def _read(self) -> dict[str, int]:
         out = {"rss": self.proc.memory_info().rss}
         if self.nvml is not None:
-            out["nvml_device"] = self.nvml.device_bytes()
-            if self.nvml.process_visible:
-                pb = self.nvml.process_bytes()
-                if pb is not None:
-                    out["nvml_process"] = pb
+            out.update(self.nvml.read())
         return out
 
     def _record(self) -> None:
@@ -85,11 +183,13 @@ class Sampler:
             for k, v in reading.items():
                 if v > peak.get(k, -1):
                     peak[k] = v
+            if self.nvml is not None:
+                seen = self.seen.setdefault(self._current, {"process": 0, "device_only": 0})
+                seen["process" if "nvml_process" in reading else "device_only"] += 1
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.wait(self.interval_s):
             self._record()
-            time.sleep(self.interval_s)
 
     def start(self) -> Sampler:
         self._thread.start()
@@ -111,18 +211,34 @@ class Sampler:
             with self._lock:
                 self._current = None
 
+    def source(self, phase: str) -> str | None:
+        """Where ``nvml_peak_gib`` of a phase comes from: ``nvml_process``, or ``nvml_device`` (fallback:
+        NVML never listed this process during the phase, as inside many containers); None without NVML."""
+        peak = self.peaks.get(phase, {})
+        if "nvml_process" in peak:
+            return "nvml_process"
+        return "nvml_device" if "nvml_device" in peak else None
+
     def metrics(self, prefix: str, phase: str) -> dict[str, float]:
-        """``{prefix}peak_rss_gib`` and, on CUDA, ``{prefix}nvml_peak_gib`` for one phase."""
+        """``{prefix}peak_rss_gib`` and, on CUDA, ``{prefix}nvml_peak_gib`` (and ``_gb``, 1e9 bytes) from the
+        process figure or the named device fallback, ``nvml_process_peak_gib``, ``nvml_device_peak_gib``,
+        and per device ``{prefix}gpu<i>.nvml_*_peak_gib`` when the case uses several."""
         peak = self.peaks.get(phase, {})
         out: dict[str, float] = {}
         if "rss" in peak:
             out[f"{prefix}peak_rss_gib"] = peak["rss"] / GIB
-        if "nvml_process" in peak:
-            out[f"{prefix}nvml_peak_gib"] = peak["nvml_process"] / GIB
-        elif "nvml_device" in peak:
-            out[f"{prefix}nvml_peak_gib"] = peak["nvml_device"] / GIB
-        if "nvml_device" in peak:
+        src = self.source(phase)
+        if src is not None:
+            out[f"{prefix}nvml_peak_gib"] = peak[src] / GIB
+            out[f"{prefix}nvml_peak_gb"] = peak[src] / GB
             out[f"{prefix}nvml_device_peak_gib"] = peak["nvml_device"] / GIB
+            if "nvml_process" in peak:
+                out[f"{prefix}nvml_process_peak_gib"] = peak["nvml_process"] / GIB
+            n = len(self.nvml.handles) if self.nvml else 0
+            for i in range(n if n > 1 else 0):
+                for kind in ("process", "device"):
+                    if f"nvml_{kind}:{i}" in peak:
+                        out[f"{prefix}gpu{i}.nvml_{kind}_peak_gib"] = peak[f"nvml_{kind}:{i}"] / GIB
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -130,29 +246,45 @@ class Sampler:
             "interval_s": self.interval_s,
             "samples": self.samples,
             "nvml": self.nvml is not None,
-            "nvml_process_visible": bool(self.nvml and self.nvml.process_visible),
+            "nvml_devices": list(self.nvml.uuids) if self.nvml else [],
+            "nvml_source": {phase: self.source(phase) for phase in self.peaks if self.source(phase)},
+            "nvml_samples": self.seen,
         }
 
 
 def torch_peaks(prefix: str) -> dict[str, float]:
-    """Peak allocated and reserved by torch's CUDA allocator since the last reset (empty on the CPU)."""
+    """Peak allocated and reserved by torch's CUDA allocator since the last reset, summed over every
+    visible device (a ``device_map`` over several GPUs), per device too when there are several; empty on
+    the CPU."""
     import torch
 
     if not torch.cuda.is_available():
         return {}
-    torch.cuda.synchronize()
-    return {
-        f"{prefix}peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
-        f"{prefix}peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
-    }
+    n = torch.cuda.device_count()
+    out: dict[str, float] = {f"{prefix}peak_allocated_gib": 0.0, f"{prefix}peak_reserved_gib": 0.0}
+    for i in range(n):
+        torch.cuda.synchronize(i)
+        alloc, res = torch.cuda.max_memory_allocated(i) / GIB, torch.cuda.max_memory_reserved(i) / GIB
+        out[f"{prefix}peak_allocated_gib"] += alloc
+        out[f"{prefix}peak_reserved_gib"] += res
+        if n > 1:
+            out[f"{prefix}gpu{i}.peak_allocated_gib"] = alloc
+            out[f"{prefix}gpu{i}.peak_reserved_gib"] = res
+    return out
 
 
 def reset_torch_peaks() -> None:
     import torch
 
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
+            torch.cuda.reset_peak_memory_stats(i)
+
+
+def context_cost_gib(used_before: int, used_after: int) -> float:
+    """What creating the CUDA context cost: device memory in use after it less before it (NVML bytes)."""
+    return (used_after - used_before) / GIB
 
 
 def managed_bytes(optimizer: Any) -> int:
