@@ -9,6 +9,10 @@ the CPU against the bytes autograd saves; the activation formula is in the comme
   (``prepare_model_for_kbit_training``) and ``compute_dtype`` for a 16-bit one.
 - LoRA A/B: ``compute_dtype`` under ``recipe`` (trl's cast, applied to every method), fp32 under
   ``fp32-adapters``; under ``native``, 16-bit for a quantized base and fp32 for a 16-bit one.
+- ``adapter_dtype`` overrides the policy's adapter dtype with the one a run actually held (the train stage
+  reads it at the first step); gradients and torch AdamW states follow it.
+- Activations scale with the tokens a micro-batch holds (``tokens``: rows padded to the longest, or packed),
+  not ``batch_size * seq_len``; the loss is trl's fused LM head (``loss_bytes``).
 - Training runs under autocast in ``compute_dtype`` (Trainer ``bf16=True``), which keeps 16-bit copies of
   fp32 LoRA weights for the step (``autocast=False`` models a plain loop without it).
 - Quantized bits/param come from the method and ``settings.blocksize``; pass ``bits_per_param`` where it
@@ -114,19 +118,20 @@ def optimizer_bytes(numel: int, optimizer: str, param_bytes: int = 4) -> int:
 #   where t = e (4 for a 4-bit base without autocast) and o = 4 for a 4-bit base (Linear4bit returns its
 #   fp32 input dtype) else e.
 # Backward through one layer holds about 3 (tokens x intermediate) gradients: 3*e*i (calibrated on the CPU).
-# Loss: HF upcasts the logits to fp32; at the start of backward the saved log-softmax output, the dense
-# NLL gradient and the log-softmax gradient coexist: 12 bytes per vocab entry per token (measured on the
-# CPU: 10 in forward with 16-bit logits, 12 at the start of backward).
+# The loss: see loss_bytes (trl's fused LM head; the logits are never materialized whole).
 def activation_bytes_per_token(preset: Preset, settings: Settings, *, vocab_size: int | None = None,
-                               autocast: bool = True, attn_impl: str = "sdpa",
-                               device: str = "cuda") -> dict[str, float]:
-    """Bytes autograd holds per token: one layer's saved tensors, its input, its backward, the loss."""
+                               autocast: bool = True, attn_impl: str = "sdpa", device: str = "cuda",
+                               seq_len: int | None = None, adapter_bytes: int = 4) -> dict[str, float]:
+    """Bytes autograd holds per token: one layer's saved tensors, its input, its backward, the loss.
+
+    ``seq_len``: the row length as held (padded to the longest row), default ``settings.seq_len``."""
     method = get_method(settings.method)
     e = DTYPE_BYTES[settings.compute_dtype]
     h, i, a = preset.hidden_size, preset.intermediate_size, preset.num_attention_heads
-    kv, s, r = preset.num_key_value_heads * preset.head_dim, settings.seq_len, settings.lora_r
+    kv, s, r = preset.num_key_value_heads * preset.head_dim, seq_len or settings.seq_len, settings.lora_r
     shapes = linear_shapes(preset)
-    lora_in = e if autocast else 4  # saved input of lora_A (peft casts x to the fp32 adapter dtype)
+    # saved input of lora_A: peft casts x to the adapter's dtype, autocast then to compute_dtype
+    lora_in = e if autocast else adapter_bytes
     # dropout: CUDA's fused kernel saves a bool mask, the CPU path a noise tensor in the input's fp32
     mask = 0 if settings.lora_dropout == 0 else (1 if device.startswith("cuda") else 4)
     att = 4 if method.quantized and not autocast else e  # dtype of q, k, v reaching attention
@@ -152,14 +157,54 @@ def activation_bytes_per_token(preset: Preset, settings: Settings, *, vocab_size
         "layer": norms + lora + attn + 3 * mlp * i,  # saved by one decoder layer
         "layer_input": stream * h,  # what gradient checkpointing keeps of a layer
         "backward": 3 * e * i,  # gradients in flight inside one layer's backward (MLP: 3 x intermediate)
-        "loss": 12 * (vocab_size or preset.vocab_size) + 4 * h + 4,  # 3 fp32 logits buffers + final norm
+        "final_norm": 4 * h + 4,  # the final RMSNorm's fp32 input and rsqrt
     }
+
+
+FUSED_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE: vocabulary columns per tile
+FUSED_TOKEN_CHUNK = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE: tokens per tile
+CPU_FOLD_BYTES = 29  # per tile entry, the torch fold of a tile (no Triton): 7 fp32 temporaries + a bool mask
+
+
+def loss_bytes(preset: Preset, settings: Settings, tokens: int, *, vocab_size: int | None = None,
+               device: str = "cuda", head_bytes: int | None = None) -> float:
+    """Bytes the loss's backward holds for one micro-batch of ``tokens`` tokens (trl 1.x's fused LM head,
+    ``trl.kernels.chunked_logprob``, measured on the CPU with torch's profiler):
+
+    - a tile buffer of min(N, 4096) x 32768 entries in ``compute_dtype``, sized by the chunk, not the vocabulary
+      (N = tokens less one per row: the predicted positions);
+    - on the CPU (no Triton) the torch fold of a tile: 29 bytes per tile entry (min(N, 4096) x min(vocab, 32768));
+    - the lm_head chunk cast to ``compute_dtype`` where the head is held wider (``head_bytes``, fp32 under
+      the recipe policy and for quantized bases): min(vocab, 32768) x h x e;
+    - the fp32 gradient of the hidden states, N x h x 4, and the saved log-normalizer and entropy, N x 8.
+    """
+    method = get_method(settings.method)
+    e = DTYPE_BYTES[settings.compute_dtype]
+    if head_bytes is None:
+        head_bytes = precision.unquantized_bytes(settings.precision, method.quantized, e)
+    vocab = vocab_size or preset.vocab_size
+    h = preset.hidden_size
+    n = max(tokens - settings.batch_size, 1)
+    rows, cols = min(n, FUSED_TOKEN_CHUNK), min(vocab, FUSED_VOCAB_CHUNK)
+    out = rows * FUSED_VOCAB_CHUNK * e
+    if not device.startswith("cuda"):
+        out += rows * cols * CPU_FOLD_BYTES
+    if head_bytes > e:
+        out += cols * h * e
+    return float(out + n * h * 4 + n * 8)
 
 
 def estimate(preset: Preset, settings: Settings, *, vocab_size: int | None = None,
              num_layers: int | None = None, bits_per_param: float | None = None, device: str = "cuda",
-             autocast: bool = True, attn_impl: str = "sdpa") -> Estimate:
-    """Predicted peak memory of training ``settings`` on ``preset`` (overrides: vocab, layers, bits)."""
+             autocast: bool = True, attn_impl: str = "sdpa", tokens: int | None = None,
+             adapter_dtype: str | None = None) -> Estimate:
+    """Predicted peak memory of training ``settings`` on ``preset`` (overrides: vocab, layers, bits).
+
+    ``tokens``: tokens of the largest micro-batch as held (rows padded to the longest, or packed), default
+    ``batch_size * seq_len``; the real batches are often much shorter. ``adapter_dtype``: the dtype the run
+    held the LoRA weights in, where measured (default: what the precision policy gives them), which sets the
+    adapter, gradient and torch-AdamW state bytes and whether autocast copies them.
+    """
     method = get_method(settings.method)
     layers = num_layers or preset.num_hidden_layers
     vocab = vocab_size or preset.vocab_size
@@ -175,19 +220,25 @@ def estimate(preset: Preset, settings: Settings, *, vocab_size: int | None = Non
     a = precision.adapter_bytes(settings.precision, method.quantized, e)
     tensors = lora_tensors(preset, settings, layers)
     trainable = sum(tensors)
+    if adapter_dtype is not None:  # the dtype a run actually held
+        a = DTYPE_BYTES[adapter_dtype]
     optim = [optimizer_bytes(n, settings.optimizer, a) for n in tensors]
     paged = sum(b for n, b in zip(tensors, optim, strict=True) if n >= PAGED_MIN_NUMEL) \
         if settings.optimizer.startswith("paged_") and device.startswith("cuda") else 0
 
-    per = activation_bytes_per_token(preset, settings, vocab_size=vocab, autocast=autocast,
-                                     attn_impl=attn_impl, device=device)
-    tokens = settings.batch_size * settings.seq_len
+    tokens = tokens or settings.batch_size * settings.seq_len
+    per = activation_bytes_per_token(preset, settings, vocab_size=vocab, autocast=autocast, attn_impl=attn_impl,
+                                     device=device, seq_len=math.ceil(tokens / settings.batch_size),
+                                     adapter_bytes=a)
+    head_bytes = precision.unquantized_bytes(settings.precision, method.quantized, e)
     # The loss buffers are freed before backward reaches the last layer, so the peak is the larger of
     # "everything saved + loss buffers" (start of backward) and "everything saved + one layer's backward".
+    loss = loss_bytes(preset, settings, tokens, vocab_size=vocab, device=device, head_bytes=head_bytes)
     if settings.gradient_checkpointing:  # each layer keeps its input; backward recomputes one at a time
-        act = layers * per["layer_input"] + max(per["loss"], per["layer"] + per["backward"])
+        act = (layers * per["layer_input"] + per["final_norm"]) * tokens + max(
+            loss, (per["layer"] + per["backward"]) * tokens)
     else:
-        act = layers * per["layer"] + max(per["loss"], per["backward"])
+        act = (layers * per["layer"] + per["final_norm"]) * tokens + max(loss, per["backward"] * tokens)
 
     largest = max(o * i for o, i in linear_shapes(preset).values())
     dequant = largest * e if method.quantized else 0  # a quantized linear dequantizes one weight per matmul
@@ -198,7 +249,7 @@ def estimate(preset: Preset, settings: Settings, *, vocab_size: int | None = Non
         gradients_gib=trainable * a / GIB,
         optimizer_gib=sum(optim) / GIB,
         optimizer_paged_gib=paged / GIB,
-        activations_gib=act * tokens / GIB,
+        activations_gib=act / GIB,
         workspace_gib=(dequant + copies) / GIB,
         context_gib=CONTEXT_GIB if device.startswith("cuda") else 0.0,
         bits_per_param=bpp,

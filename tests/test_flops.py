@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from harness.measure.flops import (
+    FLOP_CONVENTION,
     datasheet_tflops,
     measure_peak_bf16_tflops,
     mfu,
     model_flops_per_token_6n,
+    step_model_flops,
     train_flops_per_token,
 )
 from harness.presets import PRESETS, param_count
@@ -87,3 +89,19 @@ def test_mfu_and_the_probe_without_cuda():
     with pytest.raises(ValueError):
         mfu(1000, 1e12, 0)
     assert measure_peak_bf16_tflops(device="cpu") is None
+
+
+def test_step_flops_count_real_tokens_and_attention_at_real_lengths():
+    # Two rows of real lengths 300 and 500 padded to 500 (seq_len 2048): 800 real tokens, sum l^2 = 340,000.
+    # Without attention, per token: forward 14,367,850,496 - 1,073,741,824 = 13,294,108,672;
+    # backward 15,521,546,240 - 2 * 1,073,741,824 = 13,374,062,592; model 26,668,171,264.
+    # Attention forward + backward per row: 3 * 4 * 32 layers * 4096 * l^2 = 1,572,864 * l^2
+    #   -> 1,572,864 * 340,000 = 534,773,760,000.
+    # Total 800 * 26,668,171,264 + 534,773,760,000 = 21,869,310,771,200.
+    s = Settings(seq_len=2048)
+    assert step_model_flops(L7, s, 800, 340_000) == 21_869_310_771_200
+    # one full row of 2048 agrees with the per-token count at seq_len: 2048 * 29,889,396,736
+    assert step_model_flops(L7, s, 2048, 2048**2) == 2048 * (FORWARD + BACKWARD)
+    # padding is not counted: the old count (1000 padded tokens at the full 2048) is 37% higher
+    assert 1000 * (FORWARD + BACKWARD) / step_model_flops(L7, s, 800, 340_000) == pytest.approx(1.3667, abs=1e-4)
+    assert "real (non-padding) tokens" in FLOP_CONVENTION and "datasheet" in FLOP_CONVENTION

@@ -48,11 +48,15 @@ def model_flops_per_token_6n(n_params: int) -> float:
 #   recompute gradient checkpointing runs every decoder layer's forward once more (lm_head excluded)
 # ``model`` (forward + backward) is what MFU counts; ``total`` adds recomputation (hardware FLOPs).
 def train_flops_per_token(preset: Preset, settings: Settings, *, num_layers: int | None = None,
-                          vocab_size: int | None = None) -> dict[str, float]:
-    """FLOPs per token of one LoRA training step on a frozen base: forward, backward, recompute, totals."""
+                          vocab_size: int | None = None, attn_len: float | None = None) -> dict[str, float]:
+    """FLOPs per token of one LoRA training step on a frozen base: forward, backward, recompute, totals.
+
+    ``attn_len`` is the length the attention matmuls run over (default ``settings.seq_len``; 0 leaves
+    attention out, as ``step_model_flops`` does before adding it per row)."""
     layers = num_layers or preset.num_hidden_layers
     vocab = vocab_size or preset.vocab_size
-    h, s = preset.hidden_size, settings.seq_len
+    h = preset.hidden_size
+    s = settings.seq_len if attn_len is None else attn_len
     shapes = linear_shapes(preset)
     wanted = {t.strip() for t in settings.target_modules.split(",")}
     base = sum(o * i for o, i in shapes.values()) * layers  # frozen decoder linears (quantized or not)
@@ -70,6 +74,25 @@ def train_flops_per_token(preset: Preset, settings: Settings, *, num_layers: int
         "model": float(forward + backward),
         "total": float(forward + backward + recompute),
     }
+
+
+FLOP_CONVENTION = (
+    "model FLOPs of real (non-padding) tokens: a matmul m x k by k x n is 2mnk; forward 2 per frozen linear "
+    "and lm_head weight, 2 per LoRA weight, attention QK^T and PV 4*h*l per token per layer at each row's "
+    "real length l (full l x l, causal halving not taken); backward 2 per frozen weight (input gradients "
+    "only), 2x the attention, 4 per LoRA weight; checkpoint recomputation excluded; peak: NVIDIA datasheet "
+    "dense BF16 (train.mfu), bf16 matmul probe (train.mfu_probe)"
+)
+
+
+def step_model_flops(preset: Preset, settings: Settings, real_tokens: float, sum_sq_lengths: float, *,
+                     num_layers: int | None = None, vocab_size: int | None = None) -> float:
+    """Model FLOPs of one training step (see ``FLOP_CONVENTION``): every real token's weight FLOPs, plus
+    forward + backward attention at each row's real length l: 3 x 4 * layers * h * l^2 per row, summed
+    (``sum_sq_lengths`` is the sum over rows of l^2)."""
+    layers = num_layers or preset.num_hidden_layers
+    dense = train_flops_per_token(preset, settings, num_layers=layers, vocab_size=vocab_size, attn_len=0)["model"]
+    return real_tokens * dense + 12.0 * layers * preset.hidden_size * sum_sq_lengths
 
 
 def measure_peak_bf16_tflops(device: str = "cuda", n: int = 8192, iters: int = 20,

@@ -29,7 +29,7 @@ from typing import Any
 OTHER_CPU_MEAN_MAX = 0.10  # other processes' mean share of all cores over the timed phase
 OTHER_CPU_BURST_MAX = 0.50  # ... or their share in any one sampling window
 STEAL_MAX = 0.05  # share of CPU time stolen by the hypervisor
-LOAD_PER_CORE_MAX = 1.5  # runnable tasks (procs_running, this process's threads included) per core, median
+LOAD_PER_CORE_MAX = 2.0  # runnable tasks (procs_running, this process's threads included) per core, median
 STEP_CV_MAX = 0.5  # standard deviation over mean of the step times
 STALLED_SHARE_MAX = 0.05  # share of steps over 3x the median step
 SM_CLOCK_MIN_SHARE = 0.80  # median SM clock against the device's maximum

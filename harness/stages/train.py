@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from harness import methods, precision
-from harness.measure import memory
+from harness.measure import memory, noise, steps, tensors
 from harness.stages import Context, Inputs, StageOutput, TrainedAdapter, free, sync
 
 PROJECTION_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -20,14 +20,17 @@ class TokenCounter:
 
     def __init__(self, collator):
         self.collator = collator
-        self.batches: list[tuple[int, int, int]] = []  # (real tokens, total tokens, samples)
+        # (real tokens, total tokens, samples, sum over rows of the squared real length)
+        self.batches: list[tuple[int, int, int, int]] = []
 
     def __call__(self, features):
         batch = self.collator(features)
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
-        real = int(mask.sum()) if mask is not None else int((batch.get("labels", ids) != -100).sum())
-        self.batches.append((real, ids.numel(), ids.shape[0]))
+        if mask is None:
+            mask = batch.get("labels", ids) != -100
+        lengths = mask.reshape(ids.shape[0], -1).sum(dim=1)
+        self.batches.append((int(lengths.sum()), ids.numel(), ids.shape[0], int((lengths**2).sum())))
         return batch
 
 
@@ -39,19 +42,35 @@ def _callback(ctx: Context, counter: TokenCounter, sampler: memory.Sampler, warm
 
         def __init__(self):
             self.step_s: list[float] = []
-            self.step_tokens: list[tuple[int, int, int]] = []
+            self.step_tokens: list[tuple[int, ...]] = []  # per timed step: TokenCounter's sums
             self.loss: list[list[float]] = []
             self.t0 = 0.0
             self.seen = 0
             self.managed = 0
             self.measured = None
             self.dtypes: dict[str, str] = {}
+            self.guard = None
+            # the CPU's tensor-level peak, taken on the last warm-up step (untimed): bytes, that step's
+            # largest micro-batch in tokens (padded), and the adapters' dtype as the trainer holds them
+            self.tensor_peak: tensors.TensorPeak | None = None
+            self.profiled_tokens = 0
+            self.adapter_dtype: str | None = None
+            self.vocab_size: int | None = None
+            self.max_batch_tokens = 0  # the largest micro-batch of the timed steps, padding included
 
-        def on_step_begin(self, args, state, control, **kw):
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            if self.adapter_dtype is None and model is not None:
+                self.adapter_dtype = _adapter_dtype(model)
+                self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+            if ctx.device == "cpu" and state.global_step == max(warmup - 1, 0) and model is not None:
+                self.tensor_peak = tensors.TensorPeak()
+                self.tensor_peak.start(model, optimizer)
             if state.global_step == warmup:  # the measured phase starts after the warm-up steps
                 memory.reset_torch_peaks()
                 self.measured = sampler.phase("train")
                 self.measured.__enter__()
+                nv = sampler.nvml
+                self.guard = noise.NoiseGuard(nvml=nv.nv if nv else None, handles=nv.handles if nv else ()).start()
             sync(ctx.device)
             self.t0 = time.perf_counter()
 
@@ -62,7 +81,11 @@ def _callback(ctx: Context, counter: TokenCounter, sampler: memory.Sampler, warm
             self.seen = len(counter.batches)
             if state.global_step > warmup:
                 self.step_s.append(dt)
-                self.step_tokens.append(tuple(sum(b[i] for b in batches) for i in range(3)))
+                self.step_tokens.append(tuple(sum(b[i] for b in batches) for i in range(4)))
+                self.max_batch_tokens = max([self.max_batch_tokens] + [b[1] for b in batches])
+            if self.tensor_peak is not None and self.tensor_peak.peak_bytes is None:
+                self.tensor_peak.stop()
+                self.profiled_tokens = max((b[1] for b in batches), default=0)
             if optimizer is not None:
                 self.managed = max(self.managed, memory.managed_bytes(optimizer))
             if not self.dtypes and model is not None:  # what the first step actually held, optimizer included
@@ -75,6 +98,8 @@ def _callback(ctx: Context, counter: TokenCounter, sampler: memory.Sampler, warm
         def on_train_end(self, args, state, control, **kw):
             if self.measured is not None:
                 self.measured.__exit__(None, None, None)
+            if self.guard is not None:
+                self.guard.stop()
 
     return Measure()
 
@@ -188,18 +213,10 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
     out.metrics.update(memory.torch_peaks("train."))
     if measure.managed:
         out.metrics["train.managed_gib"] = measure.managed / memory.GIB
-    steps = measure.step_s
-    if steps:
-        timed = sum(steps)
-        real, total_tok, samples = (sum(x[i] for x in measure.step_tokens) for i in range(3))
-        out.metrics["train.tokens_per_s"] = real / timed
-        out.metrics["train.total_tokens_per_s"] = total_tok / timed
-        out.metrics["train.samples_per_s"] = samples / timed
-        out.metrics["train.step_median_ms"] = statistics.median(steps) * 1e3
-        out.metrics["train.step_p90_ms"] = _quantile(steps, 0.9) * 1e3
-        out.metrics["train.timed_steps"] = float(len(steps))
-        out.metrics["train.padding_pct"] = 100.0 * (1 - real / total_tok) if total_tok else 0.0
-        out.metrics.update(_flops(ctx, total_tok / timed))
+    out.metrics.update(_timing(ctx, measure, out))
+    out.metrics.update(_estimate_as_held(ctx, measure, out.metrics))
+    if getattr(measure, "peak_by_op", None):
+        out.tables["train.tensor_peak_by_op"] = measure.peak_by_op
     if measure.loss:
         out.series["train.loss"] = measure.loss
         first, last = _mean_head(measure.loss), _mean_tail(measure.loss)
@@ -237,8 +254,25 @@ def peak_tflops(ctx: Context) -> tuple[float | None, float | None]:
     return measured, flops.datasheet_tflops(gpu["name"])
 
 
-def _flops(ctx: Context, tokens_per_s: float) -> dict[str, float]:
-    """Achieved FLOP/s from the analytic count, and MFU against the measured and the datasheet peak (GPU only)."""
+def _timing(ctx: Context, measure, out: StageOutput) -> dict[str, float]:
+    """Throughput from step statistics (``harness.measure.steps``), the noise guard's verdict, and MFU."""
+    if not measure.step_s:
+        return {}
+    real, total, samples, sq = (list(col) for col in zip(*measure.step_tokens, strict=True))
+    m = steps.step_stats(measure.step_s, real, total, samples, prefix="train.")
+    if measure.guard is not None:
+        verdict = measure.guard.verdict(m)
+        m.update(verdict.as_metrics("train."))
+        out.tables["train.timing"] = [{**verdict.as_env(), "device": ctx.device}]
+    m.update(_flops(ctx, measure.step_s, real, sq, out))
+    return m
+
+
+def _flops(ctx: Context, step_s, real, sum_sq, out: StageOutput) -> dict[str, float]:
+    """Achieved FLOP/s (median over steps of each step's model FLOPs over its time, real tokens, attention at
+    the real lengths); MFU against the datasheet peak (headline) and the matmul probe (GPU only)."""
+    import numpy as np
+
     from harness.measure import flops
 
     preset = ctx.source.preset
@@ -246,25 +280,66 @@ def _flops(ctx: Context, tokens_per_s: float) -> dict[str, float]:
         from harness.presets import from_hf_config
 
         preset = from_hf_config(ctx.source.checkpoint)
-    per_token = flops.train_flops_per_token(preset, ctx.case.settings, num_layers=ctx.case.model.num_layers)
-    out = {"train.flops_per_token": per_token["model"]}
-    achieved = tokens_per_s * per_token["model"] / 1e12
+    layers = ctx.case.model.num_layers
+    per_step = np.array([flops.step_model_flops(preset, ctx.case.settings, r, q, num_layers=layers)
+                         for r, q in zip(real, sum_sq, strict=True)])
+    rate = float(np.median(per_step / np.asarray(step_s)))  # FLOP/s
+    o = {"train.flops_per_token": float(per_step.sum() / max(sum(real), 1))}
+    out.tables["train.flops"] = [{"convention": flops.FLOP_CONVENTION}]
     if ctx.device != "cuda":
-        return out  # MFU means nothing without a device peak: absent, not zero
+        return o  # MFU means nothing without a device peak: absent, not zero
     measured, datasheet = peak_tflops(ctx)
-    out["train.achieved_tflops"] = achieved
-    if measured:
-        out["train.peak_measured_tflops"] = measured
-        out["train.mfu"] = achieved / measured
+    o["train.achieved_tflops"] = rate / 1e12
     if datasheet:
-        out["train.peak_datasheet_tflops"] = datasheet
-        out["train.mfu_datasheet"] = achieved / datasheet
+        o["train.peak_datasheet_tflops"] = datasheet
+        o["train.mfu"] = rate / 1e12 / datasheet
+    if measured:
+        o["train.peak_probe_tflops"] = measured
+        o["train.mfu_probe"] = rate / 1e12 / measured
+    return o
+
+
+def _adapter_dtype(model) -> str | None:
+    """The dtype the trainer holds the LoRA weights in (trl casts a quantized model's adapters to bf16)."""
+    import torch
+
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            return names.get(p.dtype)
+    return None
+
+
+def _estimate_as_held(ctx: Context, measure, metrics: dict[str, float]) -> dict[str, float]:
+    """The estimate again with what training held (largest micro-batch in tokens, padding included; the
+    adapters' dtype), and its ratios to like measurements: the allocator estimate to torch's allocator peak,
+    the total to NVML process memory (or the named device fallback), and on the CPU the total to the
+    tensor-level peak of one step."""
+    from harness import estimate
+
+    if ctx.source.preset is None or not measure.max_batch_tokens:
+        return {}
+    kw = {"num_layers": ctx.case.model.num_layers, "device": ctx.device, "adapter_dtype": measure.adapter_dtype,
+          "vocab_size": measure.vocab_size}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    est = estimate.estimate(ctx.source.preset, ctx.case.settings, tokens=measure.max_batch_tokens, **kw)
+    out = est.as_metrics()
+    out["estimate.tokens_per_batch"] = float(measure.max_batch_tokens)
+    if "train.peak_allocated_gib" in metrics:
+        out["train.estimate_over_allocator_ratio"] = est.allocator_gib / metrics["train.peak_allocated_gib"]
+    if "train.nvml_peak_gib" in metrics:
+        out["train.estimate_over_nvml_ratio"] = est.total_gib / metrics["train.nvml_peak_gib"]
+    tp = measure.tensor_peak
+    if tp is not None and tp.peak_bytes and measure.profiled_tokens:
+        at_step = estimate.estimate(ctx.source.preset, ctx.case.settings, tokens=measure.profiled_tokens, **kw)
+        out["train.tensor_peak_gib"] = tp.peak_bytes / memory.GIB
+        out["train.tensor_start_gib"] = tp.start_bytes / memory.GIB  # weights, adapters, grads, optimizer
+        out["estimate.at_profiled_step_gib"] = at_step.total_gib
+        out["estimate.at_profiled_step_activations_gib"] = at_step.activations_gib
+        out["estimate.profiled_step_tokens"] = float(measure.profiled_tokens)
+        measure.peak_by_op = [{"op": k, "mib": v / 2**20} for k, v in list(tp.by_op.items())[:15]]
+        out["train.estimate_over_tensor_peak_ratio"] = at_step.total_gib / (tp.peak_bytes / memory.GIB)
     return out
-
-
-def _quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def _mean_head(loss: list[list[float]], n: int = 3) -> float:

@@ -1,0 +1,84 @@
+"""The noise guard's host figures from constructed /proc/stat readings, its verdicts, and a real busy loop."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+
+from harness.measure import noise
+from harness.measure.noise import CpuTimes, NoiseGuard, judge, window
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+STAT = """cpu  13347 7 2975 44645 648 0 107 51 0 0
+cpu0 6000 0 1500 22000 300 0 50 25 0 0
+intr 1 2 3
+procs_running 5
+procs_blocked 0
+"""
+
+
+def test_proc_stat_parsing():
+    busy, steal, total, running = noise._read_proc_stat(STAT)
+    assert busy == 13347 + 7 + 2975 + 0 + 107
+    assert steal == 51
+    assert total == busy + 44645 + 648 + 51
+    assert running == 5
+
+
+def test_window_subtracts_our_own_cpu_time():
+    # 2 cores, 1 s: 2 * HZ jiffies elapsed; the host was busy 1.5 core-seconds of which 1.0 was ours
+    a = CpuTimes(busy=0, steal=0, total=0, own_s=10.0, wall=0.0, procs_running=2)
+    b = CpuTimes(busy=1.5 * HZ, steal=0.1 * HZ, total=2 * HZ, own_s=11.0, wall=1.0, procs_running=2)
+    w = window(a, b, cores=2)
+    assert w["other"] == pytest.approx(0.5 / 2)  # others used 0.5 of the 2 core-seconds
+    assert w["steal"] == pytest.approx(0.05)
+    assert w["wall"] == 1.0
+
+
+def test_verdicts_name_each_reason():
+    assert judge(cores=2, other_mean=0.02, other_max=0.2, steal=0.0, load_per_core=1.0, step_cv=0.1,
+                 stalled=0, steps=35).clean
+    v = judge(cores=2, other_mean=0.35, steal=0.0, step_cv=0.1, stalled=0, steps=35)
+    assert not v.clean and v.reason == "other processes used 35% of 2 cores (> 10%)"
+    v = judge(cores=2, other_mean=0.05, other_max=0.9)
+    assert v.reason == "a burst of other processes took 90% of 2 cores (> 50%)"
+    assert "CPU steal 8.0%" in judge(cores=2, steal=0.08).reason
+    assert "2.5 runnable tasks per core" in judge(cores=2, load_per_core=2.5).reason
+    v = judge(cores=2, step_cv=1.6, stalled=3, steps=35)
+    assert v.reasons == ["step-time CV 1.60 (> 0.5)", "3 of 35 steps stalled (> 3x median)"]
+    m = v.as_metrics()
+    assert m["train.timing_clean"] == 0.0 and m["train.noise.stalled_share_pct"] == pytest.approx(300 / 35)
+    assert noise.timing_noisy(m) and not noise.timing_noisy({"train.timing_clean": 1.0})
+
+
+def test_timing_metric_names():
+    for name in ("train.tokens_per_s", "train.tokens_per_s_mean", "train.samples_per_s", "train.mfu",
+                 "train.mfu_probe", "train.achieved_tflops", "train.step_median_ms", "train.wall_s"):
+        assert noise.is_timing_metric(name), name
+    for name in ("train.peak_rss_gib", "train.loss_drop", "quant.rmse", "train.weight_bytes"):
+        assert not noise.is_timing_metric(name), name
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_guard_sees_other_processes_busy_on_every_core():
+    """Independent check: busy-loop processes on every core, while this process sleeps, are measured."""
+    cores = os.cpu_count() or 1
+    guard = NoiseGuard(interval_s=0.2).start()
+    procs = [mp.get_context("spawn").Process(target=_spin, args=(1.5,)) for _ in range(cores)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    v = guard.stop().verdict()
+    assert not v.clean
+    assert v.figures["other_cpu_pct"] > 40  # spawn start-up takes part of the window
+    assert "other processes" in v.reason
