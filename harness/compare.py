@@ -48,9 +48,12 @@ class Change:
     regressed: bool
     improved: bool  # better than the baseline (never a regression)
     case_id: str = ""
+    inconclusive: str = ""  # why the change cannot be judged (a timing of a noisy record), else ""
 
     @property
     def verdict(self) -> str:
+        if self.inconclusive:
+            return "inconclusive"
         if self.regressed:
             return "regressed"
         if self.improved:
@@ -60,9 +63,10 @@ class Change:
     @property
     def message(self) -> str:
         """``train.peak_reserved_gib regressed: 4.10 -> 4.60 (+12.2%, tolerance 5%)``."""
+        why = f"; {self.inconclusive}" if self.inconclusive else ""
         return (
             f"{self.metric} {self.verdict}: {fmt(self.old)} -> {fmt(self.new)} "
-            f"({fmt_pct(self.rel_change)}, tolerance {self.tolerance * 100:g}%)"
+            f"({fmt_pct(self.rel_change)}, tolerance {self.tolerance * 100:g}%{why})"
         )
 
 
@@ -116,8 +120,10 @@ def compare(new: Record, base: Record, tolerances: Mapping[str, float] | None = 
         rel = relative_change(old, value)
         tol = tolerance_for(name, tolerances)
         worse = rel if direction == "lower" else -rel  # > 0 means worse
+        noisy = _noisy_timing(name, new, base)
         changes.append(
-            Change(name, old, value, rel, tol, regressed=worse > tol, improved=worse < 0, case_id=new.case_id)
+            Change(name, old, value, rel, tol, regressed=worse > tol and not noisy, improved=worse < 0 and not noisy,
+                   case_id=new.case_id, inconclusive=noisy)
         )
     return changes
 
@@ -133,6 +139,16 @@ def vanished(new: Record, base: Record) -> list[str]:
 def status_regressed(new: Record, base: Record) -> bool:
     """A case that passed in the baseline and now ends in anything but passed or skipped."""
     return base.status == "passed" and new.status not in ("passed", "skipped")
+
+
+def _noisy_timing(name: str, new: Record, base: Record) -> str:
+    """Why a timing metric cannot be judged: either record's timing was flagged noisy (the noise guard)."""
+    from harness.measure.noise import is_timing_metric, timing_noisy
+
+    if not is_timing_metric(name):
+        return ""
+    which = [w for w, r in (("new", new), ("baseline", base)) if timing_noisy(r.metrics)]
+    return f"timing of the {' and '.join(which)} record flagged noisy" if which else ""
 
 
 def load_records(folder: Path) -> list[Record]:

@@ -20,6 +20,12 @@ class MetricInfo:
 
 # First match wins: put specific patterns before general ones.
 REGISTRY: tuple[MetricInfo, ...] = (
+    MetricInfo("*.noise.*", "", "none", 1.0, "noise guard figure"),
+    MetricInfo("*.timing_clean", "", "none", 1.0, "timing clean (1) or noisy (0)"),
+    MetricInfo("*.stalled_steps", "steps", "none", 1.0, "steps over 3x the median step"),
+    MetricInfo("*.step_cv", "", "none", 1.0, "step-time coefficient of variation"),
+    MetricInfo("*tokens_per_s_mean", "tokens/s", "none", 0.10, "throughput, sum over sum (stalls included)"),
+    MetricInfo("*.mfu_probe", "", "higher", 0.10, "MFU against the matmul probe's peak"),
     MetricInfo("*.bits_per_param", "bits", "lower", 0.001, "bits per parameter"),
     MetricInfo("*.cosine", "", "higher", 0.001, "cosine similarity"),
     MetricInfo("*.rmse", "", "lower", 0.02, "RMSE"),
@@ -43,6 +49,7 @@ REGISTRY: tuple[MetricInfo, ...] = (
     MetricInfo("*loss*", "", "lower", 0.10, "loss"),
     MetricInfo("*_pct", "%", "lower", 0.25, "percent"),
     MetricInfo("*_gib", "GiB", "lower", 0.05, "memory"),
+    MetricInfo("*_gb", "GB", "lower", 0.05, "memory (GB = 1e9 bytes, as hardware claims are stated)"),
     MetricInfo("*_mib", "MiB", "lower", 0.05, "memory"),
     MetricInfo("*_bytes", "B", "lower", 0.01, "size"),
     MetricInfo("*_ms", "ms", "lower", 0.15, "time"),

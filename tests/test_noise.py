@@ -82,3 +82,58 @@ def test_guard_sees_other_processes_busy_on_every_core():
     assert not v.clean
     assert v.figures["other_cpu_pct"] > 40  # spawn start-up takes part of the window
     assert "other processes" in v.reason
+
+
+def _rec(**metrics):
+    from harness.records import Record
+
+    return Record(run_id="r", suite="train", case_id="train[qlora-nf4]", method="qlora-nf4", params={},
+                  status="passed", metrics={k.replace("__", "."): v for k, v in metrics.items()})
+
+
+def test_a_noisy_record_makes_timing_changes_inconclusive_not_regressions():
+    from harness.compare import compare
+
+    quiet = _rec(train__tokens_per_s=2200.0, train__step_median_ms=53.0, train__peak_rss_gib=0.5,
+                 train__timing_clean=1.0)
+    noisy = _rec(train__tokens_per_s=1100.0, train__step_median_ms=106.0, train__peak_rss_gib=0.7,
+                 train__timing_clean=0.0)
+    by = {c.metric: c for c in compare(noisy, quiet)}
+    assert not by["train.tokens_per_s"].regressed and by["train.tokens_per_s"].verdict == "inconclusive"
+    assert "new record flagged noisy" in by["train.tokens_per_s"].message
+    assert not by["train.step_median_ms"].regressed
+    assert by["train.peak_rss_gib"].regressed  # memory is judged as ever
+    # a noisy baseline too; and between two clean records the drop is a regression
+    assert compare(quiet.model_copy(update={"metrics": {**quiet.metrics, "train.tokens_per_s": 1100.0}}),
+                   noisy)[0].verdict == "inconclusive"
+    clean_drop = _rec(train__tokens_per_s=1100.0, train__timing_clean=1.0)
+    assert {c.metric: c for c in compare(clean_drop, quiet)}["train.tokens_per_s"].regressed
+
+
+def test_report_greys_a_noisy_throughput_with_its_reason(tmp_path):
+    from html import escape
+
+    from harness.records import write_json_atomic, write_record
+    from harness.report import render_run
+    from harness.report.tables import markdown_table, suite_table
+
+    reason = "other processes used 84% of 2 cores (> 10%)"
+    quiet = _rec(train__tokens_per_s=2200.0, train__peak_rss_gib=0.5, train__timing_clean=1.0)
+    noisy = _rec(train__tokens_per_s=1362.0, train__peak_rss_gib=0.5, train__timing_clean=0.0)
+    noisy = noisy.model_copy(update={"case_id": "train[qlora-fp4]", "method": "qlora-fp4",
+                                     "tables": {"train.timing": [{"clean": False, "reason": reason}]}})
+    table = suite_table([quiet, noisy])
+    col = [c.name for c in table.columns].index("train.tokens_per_s")
+    mem = [c.name for c in table.columns].index("train.peak_rss_gib")
+    assert table.rows[0].cells[col].noisy == ""
+    assert table.rows[1].cells[col].noisy == f"timing flagged noisy: {reason}"
+    assert table.rows[1].cells[mem].noisy == ""  # memory is not a timing
+    assert "1,362 (noisy)" in markdown_table(table)
+    run = tmp_path / "results" / "r"
+    write_json_atomic(run / "run.json", {"run_id": "r", "started_at": "2026-11-23T12:00:00+00:00", "env": {},
+                                         "suites": ["train"]})
+    for r in (quiet, noisy):
+        write_record(run, r)
+    html = render_run(run, tmp_path / "reports").read_text()
+    assert f'title="{escape("timing flagged noisy: " + reason)}"' in html
+    assert html.count(" noisy") >= 1 and '<span class="noisy-note">noisy</span>' in html

@@ -13,6 +13,7 @@ import pandas as pd
 
 from harness import metrics
 from harness.compare import compare, fmt, fmt_pct
+from harness.measure.noise import is_timing_metric
 from harness.records import Record, records_frame
 from harness.report.data import case_label, load_run, write_text_atomic
 
@@ -109,6 +110,7 @@ class Cell:
     delta: str = ""
     delta_class: str = ""  # better | worse | regressed | same
     delta_title: str = ""
+    noisy: str = ""  # why this timing figure is not to be trusted (the noise guard's reason), else ""
 
 
 @dataclass
@@ -216,6 +218,16 @@ def _record_message(rec: Record) -> str:
     return "; ".join(parts)
 
 
+def noisy_reason(rec: Record) -> str:
+    """The noise guard's reason when a record's timing was flagged noisy, else ""."""
+    from harness.measure.noise import timing_noisy
+
+    if not timing_noisy(rec.metrics):
+        return ""
+    rows = rec.tables.get("train.timing") or [{}]
+    return "timing flagged noisy: " + (rows[0].get("reason") or "no reason recorded")
+
+
 def suite_table(records: list[Record], baseline: Mapping[str, Record] | None = None) -> Table:
     """The comparison table of one suite's records (rows in record order)."""
     frame = records_frame(records)
@@ -231,6 +243,8 @@ def suite_table(records: list[Record], baseline: Mapping[str, Record] | None = N
             v = _finite(fr[name])
             raw = rec.metrics.get(name)  # non-finite values are shown as nan / inf, absent ones as blanks
             cell = Cell(text=fmt(raw, digits(name)) if raw is not None else "", value=v, best=marks[name][i])
+            if v is not None and is_timing_metric(name):
+                cell.noisy = noisy_reason(rec)
             err = _finite(rec.metrics.get(f"{name}_stderr"))
             if v is not None and err is not None:
                 cell.stderr = f"±{fmt(err)}"
@@ -257,6 +271,7 @@ def markdown_table(table: Table, title: str = "") -> str:
         for cell in row.cells:
             text = cell.text + (f" {cell.stderr}" if cell.stderr else "")
             text = f"**{text}**" if cell.best else text
+            text = f"{text} (noisy)" if cell.noisy else text
             cells.append(text + (f" ({cell.delta})" if cell.delta else ""))
         status = row.status if row.status == "passed" else f"**{row.status}**"
         lines.append(f"| `{row.label}` | {status} | " + " | ".join(cells) + " |")
