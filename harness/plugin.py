@@ -29,6 +29,8 @@ def pytest_addoption(parser):
     group.addoption("--results-dir", default="results", help="where run folders are written")
     group.addoption("--reports-dir", default="reports", help="where HTML reports are written")
     group.addoption("--no-report", action="store_true", help="do not render HTML at the end of the session")
+    group.addoption("--require-idle-gpu", action="store_true",
+                    help="refuse to start when another process is computing on a GPU the cases would use")
 
 
 def pin_worker_gpu(workerid: str, gpu_count: int, environ) -> str | None:
@@ -64,6 +66,11 @@ def pytest_configure(config):
 
     if hasattr(config, "workerinput"):  # before anything touches CUDA: the case workers inherit the pin
         pin_worker_gpu(config.workerinput["workerid"], _nvml_gpu_count(), os.environ)
+    elif config.getoption("require_idle_gpu", False):
+        from harness.measure.noise import busy_gpu_message
+
+        if message := busy_gpu_message():
+            raise pytest.UsageError(message)
 
     for tier in TIERS:
         config.addinivalue_line("markers", f"{tier.replace('-', '_')}: cases of suites in the {tier} tier")

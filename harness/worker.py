@@ -137,11 +137,7 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
     sampler = memory.Sampler(cuda=device == "cuda").start()
     try:
         if device == "cuda":
-            torch.cuda.init()
-            torch.zeros(1, device="cuda")  # create the CUDA context, then read what it costs
-            record.metrics["env.cuda_context_gib"] = (
-                (torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) / memory.GIB
-            )
+            record.env = {**record.env, "cuda_context": memory.create_cuda_context(sampler, record.metrics)}
         stage_modules = [importlib.import_module(STAGE_MODULES[s]) for s in case.stages]
         if case.settings.memory_limit_gib:
             # load the libraries before the cap, so the cap meets the model and not a library's mapping

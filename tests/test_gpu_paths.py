@@ -171,9 +171,25 @@ def test_every_device_sampled_and_summed():
     assert sampler2.metrics("t.", "train")["t.nvml_peak_gib"] == pytest.approx(7.0)  # 5 + 2
 
 
-def test_context_cost_is_used_after_minus_used_before():
-    # another process held 30 GiB before ours started; the context added 0.52 GiB
-    assert memory.context_cost_gib(30 * GIB, 30 * GIB + int(0.52 * GIB)) == pytest.approx(0.52, abs=1e-9)
+def test_context_cost_is_used_after_minus_used_before(monkeypatch):
+    import torch
+
+    nv = two_gpus()
+    a, h = nv.gpus
+    a["used"], h["used"] = 30 * GIB, 2 * GIB  # another process holds 30 GiB of GPU 0 before we start
+
+    def fake_zeros(*args, device=None, **kw):  # creating a context costs 0.5 GiB on the device it touches
+        nv.gpus[int(str(device).split(":")[1])]["used"] += GIB // 2
+
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda i=None: None)
+    monkeypatch.setattr(torch, "zeros", fake_zeros)
+    sampler = memory.Sampler(interval_s=10, nvml=_Nvml(nv, ["GPU-aaaa1111-0000", "GPU-bbbb2222-0000"]))
+    metrics: dict[str, float] = {}
+    how = memory.create_cuda_context(sampler, metrics)
+    assert metrics["env.cuda_context_gib"] == pytest.approx(1.0)  # 0.5 per device, not the 33 GiB in use
+    assert how.startswith("nvml device used after less before")
 
 
 def test_gpu_noise_other_processes_clock_and_throttle():
@@ -193,3 +209,20 @@ def test_gpu_noise_other_processes_clock_and_throttle():
     s = noise.gpu_sample(nv, [h], PID)
     assert noise.judge(cores=16, gpu_other_pids=s["others"], sm_clock_share=s["sm_share"],
                        throttle=s["throttle"]).clean
+
+
+def test_require_idle_gpu_names_the_busy_device(monkeypatch):
+    nv = two_gpus()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb2222")
+    assert noise.busy_gpu_message(nv) == ""
+    nv.gpus[0]["procs"] = [(999, GIB)]  # a device we do not use
+    assert noise.busy_gpu_message(nv) == ""
+    nv.gpus[1]["procs"] = [(4242, GIB), (PID, GIB)]
+    assert noise.busy_gpu_message(nv) == (
+        "--require-idle-gpu: other processes are using GPU-bbbb2222-0000 (pids 4242): not starting")
+
+
+def test_require_idle_gpu_option_without_a_gpu_starts(pytester):
+    pytester.makepyfile("def test_ok():\n    pass\n")
+    result = pytester.runpytest("--require-idle-gpu", "-p", "no:randomly")
+    result.assert_outcomes(passed=1)

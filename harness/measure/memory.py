@@ -287,6 +287,26 @@ def context_cost_gib(used_before: int, used_after: int) -> float:
     return (used_after - used_before) / GIB
 
 
+def create_cuda_context(sampler: Sampler, metrics: dict[str, float]) -> str:
+    """Create the CUDA context on every visible device and put its cost in ``metrics["env.cuda_context_gib"]``:
+    NVML device memory used after less used before, summed over the devices. Returns how it was measured."""
+    import torch
+
+    before = sampler.nvml.read()["nvml_device"] if sampler.nvml else None
+    torch.cuda.init()
+    for i in range(torch.cuda.device_count()):
+        torch.zeros(1, device=f"cuda:{i}")  # the context and allocator of each device a case may use
+        torch.cuda.synchronize(i)
+    if before is not None:
+        metrics["env.cuda_context_gib"] = context_cost_gib(before, sampler.nvml.read()["nvml_device"])
+        return "nvml device used after less before, summed over devices"
+    # without NVML: torch's view, which counts other processes' memory too (named as such)
+    metrics["env.cuda_context_gib"] = sum(
+        (lambda free_total: free_total[1] - free_total[0])(torch.cuda.mem_get_info(i))
+        for i in range(torch.cuda.device_count())) / GIB
+    return "device memory in use after initialisation (no NVML: other processes included)"
+
+
 def managed_bytes(optimizer: Any) -> int:
     """Bytes of CUDA managed (unified) memory held by a paged optimizer's states.
 

@@ -284,3 +284,21 @@ class NoiseGuard:
 def gpu_in_use_by_others(nv, handles: Sequence[Any], pid: int | None = None) -> list[int]:
     """Pids of other compute processes on the given NVML devices (for refusing to start on a busy GPU)."""
     return sorted(set(gpu_sample(nv, handles, pid or os.getpid())["others"]))
+
+
+def busy_gpu_message(nv=None) -> str:
+    """A one-line refusal when another process computes on a GPU this process would use, else "".
+
+    Behind ``--require-idle-gpu`` (as PEFT's method comparison refuses a shared GPU); no NVML, no GPU: ""."""
+    from harness.measure.memory import _Nvml
+
+    try:
+        nvml = _Nvml(nv)
+    except Exception:  # no NVML library or driver: nothing to check
+        return ""
+    busy = []
+    for uuid, handle in zip(nvml.uuids, nvml.handles, strict=True):
+        pids = gpu_in_use_by_others(nvml.nv, [handle])
+        if pids:
+            busy.append(f"{uuid} (pids {', '.join(map(str, pids))})")
+    return f"--require-idle-gpu: other processes are using {'; '.join(busy)}: not starting" if busy else ""
