@@ -1,11 +1,16 @@
 """What the measurement costs: the same LoRA steps with and without the harness's instrumentation.
 
-The memory sampler (a thread polling RSS/NVML every 5 ms), the per-step synchronize + clock reads and the
-token-counting collator must cost under 1% of throughput. The ratio lands in pytest-benchmark's extra_info.
+The memory sampler (a thread polling RSS, and NVML every 5 ms on a GPU; every 50 ms on the CPU, where it
+competes with the training threads for the cores), the noise guard (host counters every 0.5 s), the per-step
+synchronize + clock reads and the token-counting collator. Expectation: at most 1.03x the plain steps' time
+on the CPU, 1.01x on a GPU (median of interleaved rounds). A host that was busy while it measured makes the
+result inconclusive (skipped with the noise guard's reason), not a failure. The ratio lands in
+pytest-benchmark's extra_info.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
@@ -13,11 +18,14 @@ import torch
 
 from harness import presets
 from harness.measure.memory import Sampler
+from harness.measure.noise import NoiseGuard
 from harness.models import build_on_device
 from harness.stages import Source
 from harness.stages.train import TokenCounter, _sync
 
 STEPS = 15
+ROUNDS = 5  # interleaved plain / instrumented rounds
+MAX_RATIO = {"cpu": 1.03, "cuda": 1.01}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +47,7 @@ def setup():
 def _steps(model, opt, batch, device, instrumented: bool) -> float:
     collate = TokenCounter(lambda b: b) if instrumented else (lambda b: b)
     sampler = Sampler(cuda=device == "cuda").start() if instrumented else None
+    guard = NoiseGuard().start() if instrumented else None
     t0 = time.perf_counter()
     for _ in range(STEPS):
         if instrumented:
@@ -56,6 +65,7 @@ def _steps(model, opt, batch, device, instrumented: bool) -> float:
     elapsed = time.perf_counter() - t0
     if sampler:
         sampler.stop()
+        guard.stop()
     return elapsed
 
 
@@ -63,11 +73,18 @@ def test_instrumentation_overhead(benchmark, setup):
     model, opt, batch, device = setup
     _steps(model, opt, batch, device, False)  # warm-up
     plain, measured = [], []
-    for _ in range(3):  # interleaved, so drift on a shared machine hits both alike
+    watch = NoiseGuard(interval_s=0.25).start()  # was the host quiet while we compared?
+    for _ in range(ROUNDS):  # interleaved, so drift on a shared machine hits both alike
         plain.append(_steps(model, opt, batch, device, False))
         measured.append(_steps(model, opt, batch, device, True))
+    verdict = watch.stop().verdict()
     benchmark.pedantic(_steps, args=(model, opt, batch, device, True), rounds=1, iterations=1)
-    ratio = min(measured) / min(plain)
-    benchmark.extra_info.update({"overhead_ratio": ratio, "plain_s": min(plain), "instrumented_s": min(measured),
-                                 "steps": STEPS, "device": device})
-    print(f"instrumentation overhead: {100 * (ratio - 1):+.2f}% over {STEPS} steps on {device}")
+    ratio = statistics.median(measured) / statistics.median(plain)
+    benchmark.extra_info.update({"overhead_ratio": ratio, "plain_s": statistics.median(plain),
+                                 "instrumented_s": statistics.median(measured), "steps": STEPS, "rounds": ROUNDS,
+                                 "device": device, "timing_clean": verdict.clean, "noise": verdict.reason})
+    print(f"instrumentation overhead: {100 * (ratio - 1):+.2f}% over {ROUNDS} x {STEPS} steps on {device}")
+    if ratio > MAX_RATIO[device] and not verdict.clean:
+        pytest.skip(f"inconclusive: overhead ratio {ratio:.3f} measured on a noisy host ({verdict.reason})")
+    assert ratio <= MAX_RATIO[device], (
+        f"instrumentation costs {ratio:.3f}x the plain steps' time on {device} (expected <= {MAX_RATIO[device]})")
