@@ -19,9 +19,9 @@ import torch
 from harness import presets
 from harness.measure.memory import Sampler
 from harness.measure.noise import NoiseGuard
-from harness.models import build_on_device
-from harness.stages import Source
-from harness.stages.train import TokenCounter, _sync
+from harness.models import Source, build_on_device
+from harness.stages import sync as _sync
+from harness.stages.train import TokenCounter
 
 STEPS = 15
 ROUNDS = 5  # interleaved plain / instrumented rounds

@@ -130,9 +130,9 @@ def test_vocab_override_grows_logits_and_embeddings():
 
 
 def test_adapter_dtype_as_held():
-    # trl casts a quantized model's adapters to bf16: adapters, gradients and torch AdamW states halve, and
-    # autocast makes no 16-bit copies of them
-    fp32 = estimate(L7, settings(method="qlora-nf4"))
+    # the dtype a run held overrides the policy's: bf16 adapters halve adapters, gradients and torch AdamW
+    # states against fp32 ones, and autocast makes no 16-bit copies of them
+    fp32 = estimate(L7, settings(method="qlora-nf4"), adapter_dtype="fp32")
     bf16 = estimate(L7, settings(method="qlora-nf4"), adapter_dtype="bf16")
     assert bf16.lora_gib == bf16.gradients_gib == pytest.approx(LORA_7B * 2 / GIB)
     assert bf16.optimizer_gib == pytest.approx(LORA_7B * 4 / GIB)
