@@ -24,7 +24,7 @@ from harness.stages import sync as _sync
 from harness.stages.train import TokenCounter
 
 STEPS = 15
-ROUNDS = 5  # interleaved plain / instrumented rounds
+ROUNDS = 3  # interleaved plain / instrumented rounds (medians)
 MAX_RATIO = {"cpu": 1.03, "cuda": 1.01}
 
 
