@@ -99,6 +99,9 @@ EMITTED: dict[str, tuple[str, ...]] = {
         "train.step_p90_ms", "train.timed_steps", "train.padding_pct", "train.loss_first", "train.loss_last",
         "train.loss_drop", "train.flops_per_token", "train.achieved_tflops", "train.peak_measured_tflops",
         "train.mfu", "train.peak_datasheet_tflops", "train.mfu_datasheet",
+        # memory per device and in GB (claims), throughput statistics, the noise guard, estimate ratios
+        "train.*_gib", "train.*_gb", "train.gpu*", "train.*tokens_per_s*", "train.step_*", "train.stalled_steps",
+        "train.timing_clean", "train.noise.*", "train.*_ratio", "train.mfu*", "train.*_tflops", "train.healthy",
     ),
     "estimate": ("estimate.*_gib", "estimate.bits_per_param", "estimate.trainable_params"),
     "eval": ("eval.base_s", "eval.adapter_s", "eval.merge_s", "eval.merged_s", "eval.merge.*"),  # merge fidelity
