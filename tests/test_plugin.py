@@ -90,7 +90,7 @@ def test_shipped_suites_collect_with_readable_ids():
     out = subprocess.run([sys.executable, "-m", "pytest", "suites/", "--collect-only", "-q", "--no-report"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:]
-    assert "suites/smoke.yaml::smoke[qlora-nf4-dq]" in out.stdout
+    assert "suites/smoke.yaml::smoke[qlora-nf4-dq-seed0]" in out.stdout  # three replicates a method
     assert "suites/fidelity.yaml::fidelity[qlora-fp4-student_t]" in out.stdout
 
 
