@@ -28,7 +28,7 @@ from harness.records import one_line
 Scalar = str | int | float | bool | None
 # Tier -> memory budget in GiB a case's predicted peak must fit (cards sold as 24/48/80 GB show a bit less).
 TIERS: dict[str, float | None] = {"cpu": None, "gpu-24gb": 23.5, "gpu-48gb": 47.5, "gpu-80gb": 79.0}
-STAGES = ("quant", "train", "eval")
+STAGES = ("quant", "train", "eval", "generate")
 OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit")
 WEIGHT_SOURCES = ("model", "normal", "student_t", "laplace", "outliers")
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -81,6 +81,13 @@ class Settings(Strict):
     eval_limit: int | None = Field(None, ge=1)
     eval_batch_size: int = Field(16, ge=1)
     merge: bool = True  # also score the adapter merged into its base
+    # how it is merged: a comma list of requantize, dequantize, original, or "all" (harness/methods/merge.py)
+    merge_strategy: str = "requantize"
+    # generate stage: fixed prompt and output lengths, timed repeats (median), batch sizes
+    gen_prompt_tokens: int = Field(32, ge=1)
+    gen_new_tokens: int = Field(32, ge=2)
+    gen_repeats: int = Field(3, ge=1)
+    gen_batch_sizes: str = "1,8"
     # isolation
     memory_limit_gib: float | None = Field(None, gt=0)  # address-space limit of the worker (CPU OOM tests)
 
@@ -89,6 +96,21 @@ class Settings(Strict):
     def _method(cls, v: str) -> str:
         methods.get(v)
         return v
+
+    @field_validator("merge_strategy")
+    @classmethod
+    def _merge_strategy(cls, v: str) -> str:
+        from harness.methods import merge
+
+        return ",".join(merge.parse(v)) if v != "all" else v
+
+    @field_validator("gen_batch_sizes")
+    @classmethod
+    def _batch_sizes(cls, v: str) -> str:
+        parts = [p.strip() for p in str(v).split(",") if p.strip()]
+        if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise ValueError(f"gen_batch_sizes {v!r}: expected a comma list of positive integers, e.g. 1,8")
+        return ",".join(parts)
 
     @field_validator("blocksize")
     @classmethod
@@ -120,7 +142,8 @@ ID_PREFIX = {
     "seed": "seed", "eval_limit": "limit", "eval_batch_size": "ebs", "memory_limit_gib": "mem",
     "gradient_checkpointing": "gc", "packing": "pack", "merge": "merge", "quant_storage": "store",
     "target_modules": "", "compute_dtype": "", "optimizer": "", "weight_source": "", "method": "",
-    "precision": "",
+    "precision": "", "merge_strategy": "", "gen_prompt_tokens": "prompt", "gen_new_tokens": "new",
+    "gen_repeats": "rep", "gen_batch_sizes": "gbs",
 }
 
 
@@ -305,6 +328,8 @@ class Suite(Strict):
             raise ValueError("stage 'eval' needs 'eval: {tasks: [...]}'")
         if "eval" in self.stages and "train" not in self.stages:
             raise ValueError("stage 'eval' scores a trained adapter: add stage 'train'")
+        if "generate" in self.stages and "train" not in self.stages:
+            raise ValueError("stage 'generate' times a trained adapter: add stage 'train'")
         return self
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from harness.matrix import Case
 from harness.records import Record, one_line, utcnow, write_text_atomic
 
-STAGE_MODULES = {"quant": "harness.stages.quant", "train": "harness.stages.train", "eval": "harness.stages.evaluate"}
+STAGE_MODULES = {"quant": "harness.stages.quant", "train": "harness.stages.train", "eval": "harness.stages.evaluate",
+                 "generate": "harness.stages.generate"}
 LOG_TAIL = 2000  # characters of the worker's log kept in an error record
 
 

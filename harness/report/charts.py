@@ -357,9 +357,43 @@ def difference_chart(records: list[Record]) -> Chart | None:
                  fig, wide=len(names) > 1)
 
 
+_GEN = re.compile(r"gen\.([a-z]+)\.bs(\d+)\.(decode_tokens_per_s|ttft_ms)$")
+
+
+def inference_chart(records: list[Record]) -> Chart | None:
+    """Greedy generation per case and form (unmerged, each merge): decode tokens/s and time to first token."""
+    from harness.methods.merge import STRATEGIES
+
+    found = {(r.case_id, m.group(1), int(m.group(2))) for r in records for k in r.metrics if (m := _GEN.match(k))}
+    if not found:
+        return None
+    sizes = sorted({b for _, _, b in found})
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["decode tokens/s (higher is better)",
+                                                        "time to first token, ms (lower is better)"],
+                        horizontal_spacing=0.1)
+    fig.update_layout(**{**LAYOUT, "barmode": "group", "margin": {**LAYOUT["margin"], "t": 40}})
+    for i, b in enumerate(sizes):
+        for col, metric in ((1, "decode_tokens_per_s"), (2, "ttft_ms")):
+            x, y, colours = [], [], []
+            for r in records:
+                for form in STRATEGIES:
+                    v = _value(r, f"gen.{form}.bs{b}.{metric}")
+                    if v is not None:
+                        x.append(f"{case_label(r.case_id)} · {form}")
+                        y.append(v)
+                        colours.append(colour(r.method))
+            fig.add_bar(x=x, y=y, name=f"batch {b}", legendgroup=f"bs{b}", showlegend=col == 1, row=1, col=col,
+                        marker=dict(color=colours, pattern_shape=DASH_PATTERNS[i % len(DASH_PATTERNS)]),
+                        hovertemplate="%{x}<br>batch " + str(b) + ": %{y:.4g}<extra></extra>")
+    return Chart("inference", "Greedy generation: unmerged adapter against each merged form (medians of the "
+                 "timed repeats; bar fill: batch size)", fig, wide=True)
+
+
+DASH_PATTERNS = ("", "/", ".", "x")
+
 CHARTS: tuple[Callable[[list[Record]], Chart | None], ...] = (
     memory_chart, throughput_chart, rmse_chart, bits_chart, layer_rmse_chart, loss_chart, pareto_chart,
-    difference_chart,
+    difference_chart, inference_chart,
 )
 
 

@@ -158,3 +158,59 @@ def update(readme: Path, run_dir: Path, suite: str = "smoke") -> None:
     text = readme.read_text()
     new = f"{START}\n{table(run_dir, suite)}\n{END}"
     readme.write_text(re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: new, text, flags=re.S))
+
+
+MERGE_START, MERGE_END = "<!-- merge:start -->", "<!-- merge:end -->"
+
+
+def _merge_cell(m: dict[str, float], strategy: str, task: str) -> str:
+    """``KL 4.6e-04 · top-1 1.000 · acc −0.017 · 2.1 MB · decode 1.31×`` for one strategy, from stored metrics."""
+    parts = []
+    if (kl := m.get(f"eval.merge.{strategy}.kl_mean")) is not None:
+        parts.append(f"KL {kl:.1e}")
+    if (top1 := m.get(f"eval.merge.{strategy}.top1_agreement")) is not None:
+        parts.append(f"top-1 {top1:.3f}")
+    prefix = "merged" if strategy == "requantize" else f"merged_{strategy}"
+    acc, merged_acc = m.get(f"eval.{task}.acc"), m.get(f"eval.{task}.{prefix}_acc")
+    if acc is not None and merged_acc is not None:
+        parts.append(f"acc {merged_acc - acc:+.3f}")
+    if (size := m.get(f"eval.merge.{strategy}.size_bytes")) is not None:
+        parts.append(f"{size / 1e6:.1f} MB")
+    base, got = m.get("gen.none.bs1.decode_tokens_per_s"), m.get(f"gen.{strategy}.bs1.decode_tokens_per_s")
+    if base and got:
+        parts.append(f"decode {got / base:.2f}×")
+    return " · ".join(parts)
+
+
+def merge_costs(run_dir: Path, suite: str = "merge", task: str = "support_mc") -> str:
+    """Markdown: what merging costs, a row per quantized method of a run's merge suite, every number stored.
+
+    Per strategy: KL of the merged next-token distribution from the unmerged adapter's, top-1 agreement, the
+    change of ``task`` accuracy, size on disk, batch-1 decode speed relative to the unmerged adapter.
+    """
+    from harness.methods.merge import MERGED
+
+    records = sorted((r for r in iter_records(run_dir) if r.suite == suite and r.status in ("passed", "failed")),
+                     key=lambda r: _order(r.method))
+    records = [r for r in records if any(k.startswith("eval.merge.dequantize.") for k in r.metrics)]
+    lines = ["| method | unmerged: size, decode tokens/s (batch 1) | " + " | ".join(MERGED) + " |",
+             "|---" * (len(MERGED) + 2) + "|"]
+    for r in records:
+        m = r.metrics
+        size, tps = m.get("eval.merge.none.size_bytes"), m.get("gen.none.bs1.decode_tokens_per_s")
+        unmerged = " · ".join(p for p in (f"{size / 1e6:.1f} MB" if size else "",
+                                          f"{tps:,.0f} tokens/s" if tps else "") if p)
+        lines.append(f"| {r.method} | {unmerged} | " + " | ".join(_merge_cell(m, s, task) for s in MERGED) + " |")
+    run_id = records[0].run_id if records else ""
+    lines += ["", f"Run `{run_id}`, suite `{suite}`: KL in nats per token on held-out text; acc change on `{task}` "
+                  "against the unmerged adapter; decode speed relative to the unmerged adapter."]
+    return "\n".join(lines)
+
+
+def update_merge(readme: Path, run_dir: Path, suite: str = "merge") -> None:
+    """Replace the README's merge block with ``merge_costs`` of ``run_dir``."""
+    text = readme.read_text()
+    if MERGE_START not in text:
+        raise ValueError(f"{readme}: no {MERGE_START} … {MERGE_END} block")
+    new = f"{MERGE_START}\n{merge_costs(run_dir, suite)}\n{MERGE_END}"
+    readme.write_text(re.sub(re.escape(MERGE_START) + r".*?" + re.escape(MERGE_END), lambda _: new, text, flags=re.S))

@@ -138,6 +138,7 @@ def render_run(run_dir: Path, reports_dir: Path, *, baseline: Path | str | None 
             "anchor": f"suite-{_slug(suite)}",
             "model": _model_text(records[0].model),
             "table": tables.suite_table(records, base),
+            "merge": tables.merge_table(records),
             "all": tables.all_metrics(records),
             "charts": _chart_views(suite, ch.suite_charts(records)),
             "stats": _stats_view(run_dir, suite, records),

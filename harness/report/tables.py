@@ -386,3 +386,51 @@ def all_metrics(records: list[Record]) -> AllMetrics:
                  for raw, v, best in zip(raws, values, marks, strict=True)]
         rows.append((Column(name), cells))
     return AllMetrics([case_label(r.case_id) for r in records], [r.status for r in records], rows)
+
+
+# --- merge strategies ----------------------------------------------------------------------------------------
+
+MERGE_COLUMNS = (  # (header, metric under eval.merge.<strategy>., digits)
+    ("KL to unmerged (nats/token)", "kl_mean", 3),
+    ("top-1 agreement", "top1_agreement", 4),
+    ("max |Δ log p|", "max_abs_logprob_diff", 3),
+    ("4-bit codes changed %", "codes_changed_pct", 3),
+    ("size on disk MB", "size_bytes", 4),
+    ("load s", "load_s", 3),
+)
+
+
+@dataclass
+class MergeTable:
+    """Merge fidelity per case and strategy: divergence from the unmerged adapter, scores, size, load time."""
+
+    columns: list[str]
+    rows: list[dict]  # {"case", "strategy", "label", "cells": [str]}
+
+
+def merge_table(records: list[Record]) -> MergeTable | None:
+    """A row per case and merge strategy found in the records (``eval.merge.<strategy>.*``); None if none."""
+    from harness.methods.merge import LABELS, STRATEGIES
+
+    scores = sorted({k.split(".", 2)[1] + "." + k.rsplit(".", 1)[1].removeprefix("merged_")
+                     for r in records for k in r.metrics
+                     if re.fullmatch(r"eval\.[^.]+\.merged_(acc|bits_per_byte)", k)})
+    columns = [c[0] for c in MERGE_COLUMNS] + [s.replace(".", " ") for s in scores]
+    rows = []
+    for rec in records:
+        for strategy in STRATEGIES:
+            key = f"eval.merge.{strategy}."
+            if not any(k.startswith(key) for k in rec.metrics):
+                continue
+            cells = []
+            for _, name, d in MERGE_COLUMNS:
+                v = _finite(rec.metrics.get(key + name))
+                cells.append("" if v is None else fmt(v / 1e6 if name == "size_bytes" else v, d))
+            for s in scores:
+                task, metric = s.split(".")
+                prefix = {"none": "", "requantize": "merged_"}.get(strategy, f"merged_{strategy}_")
+                v = _finite(rec.metrics.get(f"eval.{task}.{prefix}{metric}"))
+                cells.append("" if v is None else fmt(v, 3))
+            rows.append({"case": case_label(rec.case_id), "strategy": strategy, "label": LABELS[strategy],
+                         "cells": cells})
+    return MergeTable(columns, rows) if rows else None

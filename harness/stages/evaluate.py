@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from harness import methods
-from harness.stages import Context, Inputs, StageOutput, free
+from harness.stages import Context, Inputs, StageOutput, free, sync
 
 
 def prepare_tasks(task_dir: Path, tasks: list[str], out: Path) -> tuple[list[str], bool]:
@@ -174,22 +174,98 @@ def codes_changed(before: dict, after: dict) -> tuple[int, int]:
     return changed, total
 
 
-def merge_fresh(ctx: Context, adapter: Path):
-    """The adapter merged into a freshly loaded base (no forward has run), and the codes it changed."""
-    from peft import PeftModel
+def variant(strategy: str) -> str:
+    """Score prefix of a merged form: ``merged`` for PEFT's own merge (the name it always had), else ``merged_<s>``."""
+    return "merged" if strategy == "requantize" else f"merged_{strategy}"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def _load_saved(folder: Path, ctx: Context, adapter: Path | None):
+    from transformers import AutoModelForCausalLM
 
     from harness import models
 
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=methods.torch_dtype(ctx.case.settings.compute_dtype),
+                                                 device_map=models.device_map(ctx.device))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model
+
+
+def merge_fresh(ctx: Context, adapter: Path, strategy: str = "requantize"):
+    """The adapter merged by ``strategy`` into freshly loaded bases (no forward has run), and the codes it changed."""
+    from harness import models
+    from harness.methods import merge
+
     s = ctx.case.settings
     method = methods.get(s.method)
-    base = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device)
-    before = method.quantized_codes(base)
+    before: dict = {}
+
+    def load(name: str):
+        base = models.load_base(ctx.source, name, s.compute_dtype, s.quant_storage, ctx.device)
+        if name == s.method and not before:
+            before.update(method.quantized_codes(base))
+        return base
+
     t = time.perf_counter()
-    merged = method.merge(PeftModel.from_pretrained(base, adapter))
+    merged = merge.build(strategy, s.method, adapter, load, s.compute_dtype)
     seconds = time.perf_counter() - t
-    after = method.quantized_codes(merged)
-    merged.eval()
-    return merged, seconds, codes_changed(before, after)
+    return merged, seconds, codes_changed(before, method.quantized_codes(merged))
+
+
+def on_disk(ctx: Context, model, strategy: str, adapter: Path) -> dict[str, float]:
+    """Size of the form as saved (``save_pretrained``; unmerged: the base plus the adapter) and its load time."""
+    from harness import models
+
+    s = ctx.case.settings
+    folder = ctx.work_dir / f"model-{strategy}"
+    if strategy == "none":  # what the tutorials ship: the base as loaded, the adapter beside it
+        base = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device)
+        base.save_pretrained(folder, safe_serialization=True)
+        del base
+        size = folder_bytes(folder) + sum(f.stat().st_size for f in Path(adapter).glob("*.safetensors"))
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+        size = folder_bytes(folder)
+    t = time.perf_counter()
+    loaded = _load_saved(folder, ctx, adapter if strategy == "none" else None)
+    sync(ctx.device)
+    load_s = time.perf_counter() - t
+    del loaded
+    free(ctx.device)
+    return {f"eval.merge.{strategy}.size_bytes": float(size), f"eval.merge.{strategy}.load_s": load_s}
+
+
+def _merged(ctx: Context, strategy: str, adapter: Path, tokenizer, texts, reference, flat,
+            scored: dict[str, float]) -> tuple[dict[str, float], str, list[dict]]:
+    """One merge strategy: merge time, codes changed, size on disk, load time, fidelity and scores; the
+    variant's name (``merged``, ``merged_dequantize``, …) and its per-item rows."""
+    m: dict[str, float] = {}
+    merged, merge_s, (changed, total) = merge_fresh(ctx, adapter, strategy)
+    key = f"eval.merge.{strategy}"
+    m[f"{key}.merge_s"] = merge_s
+    if total:
+        m[f"{key}.codes_changed_pct"] = 100.0 * changed / total
+    m.update(on_disk(ctx, merged, strategy, adapter))  # saved before any forward (a 4-bit CPU forward repacks)
+    if reference is not None:
+        other = next_token_logprobs(merged, tokenizer, texts, ctx.device)
+        m.update({f"{key}.{k}": v for k, v in agreement(reference, other).items()})
+    mflat, seconds, items = score(merged, tokenizer, ctx)
+    name = variant(strategy)
+    m.update(_prefixed(mflat, name))
+    m[f"eval.{name}_s"] = seconds
+    suffix = "merge_delta" if strategy == "requantize" else f"{strategy}_merge_delta"
+    both = {**scored, **m}  # the unmerged adapter's scores beside the merged form's
+    _deltas(both, flat, name, suffix, -1)
+    m.update({k: v for k, v in both.items() if k.endswith(f"_{suffix}")})
+    del merged
+    free(ctx.device)
+    return m, name, items
 
 
 def run(ctx: Context, inputs: Inputs) -> StageOutput:
@@ -223,18 +299,13 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
     free(ctx.device)
 
     if s.merge:
-        merged, merge_s, (changed, total) = merge_fresh(ctx, adapter)
-        out.metrics["eval.merge_s"] = merge_s
-        if total:
-            out.metrics["eval.merge.codes_changed_pct"] = 100.0 * changed / total
-        if reference is not None:
-            other = next_token_logprobs(merged, tokenizer, texts, ctx.device)
-            out.metrics.update({f"eval.merge.{k}": v for k, v in agreement(reference, other).items()})
-        mflat, seconds, mitems = score(merged, tokenizer, ctx)
-        out.tables["eval.items.merged"] = mitems
-        out.metrics.update(_prefixed(mflat, "merged"))
-        out.metrics["eval.merged_s"] = seconds
-        _deltas(out.metrics, flat, "merged", "merge_delta", -1)
-        del merged
+        from harness.methods import merge
+
+        strategies = merge.applicable(s.method, merge.parse(s.merge_strategy))
+        out.metrics.update(on_disk(ctx, None, "none", adapter))
+        for strategy in strategies:
+            m, name, items = _merged(ctx, strategy, adapter, tokenizer, texts, reference, flat, out.metrics)
+            out.metrics.update(m)
+            out.tables[f"eval.items.{name}"] = items  # per-item rows for the paired bootstrap
     free(ctx.device)
     return out
