@@ -72,8 +72,10 @@ def test_good_suite_loads(suite_dir):
         (("settings: {seq_len: 64}\nmatrix:\n  method: [lora-bf16, qlora-nf4]", "matrix:\n  method: [qlora-nf4]\n  seq_len: [64, 64]"), "matrix: duplicate case id s[qlora-nf4-seq64]"),
         (("settings: {seq_len: 64}", "settings: {max_steps: 3, warmup_steps: 5}"), "settings: warmup_steps (5) must be below max_steps (3)"),
         (("matrix:\n  method", "matrix:\n  rank: [8]\n  method"), "matrix.rank: unknown setting"),
-        (("stages: [quant, train]", "stages: [quant, fly]"), "stages[1]: Input should be 'quant', 'train' or 'eval'"),
+        (("stages: [quant, train]", "stages: [quant, fly]"), "stages[1]: Input should be 'quant', 'train', 'eval' or 'generate'"),
         (("source: synthetic, preset: tiny-llama", "source: synthetic, preset: gpt-9"), "model: unknown preset 'gpt-9'"),
+        (("settings: {seq_len: 64}", "settings: {merge_strategy: dequant}"), "settings.merge_strategy: merge_strategy 'dequant': expected 'all' or a comma list of requantize, dequantize, original"),
+        (("stages: [quant, train]", "stages: [quant, generate]"), "stage 'generate' times a trained adapter: add stage 'train'"),
     ],
 )
 def test_mistakes_give_one_line(suite_dir, change, expected):
