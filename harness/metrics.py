@@ -111,6 +111,10 @@ EMITTED: dict[str, tuple[str, ...]] = {
     ),
     "estimate": ("estimate.*_gib", "estimate.bits_per_param", "estimate.trainable_params"),
     "eval": ("eval.base_s", "eval.adapter_s", "eval.merge_s", "eval.merged_s", "eval.merge.*"),  # merge fidelity
+    # generate: gen.<form>.{build_s, bs<b>.ttft_ms|prefill_tokens_per_s|decode_tokens_per_s|tpot_ms|total_ms,
+    # peak memory, identical_outputs, token_agreement}, the form being none or a merge strategy
+    "gen": ("gen.*.build_s", "gen.*.bs*_ms", "gen.*.bs*_tokens_per_s", "gen.*_gib", "gen.*.identical_outputs",
+            "gen.*.token_agreement", "gen.prompt_tokens", "gen.new_tokens"),
     "env": ("env.*",),
 }
 
@@ -120,8 +124,9 @@ def unknown_metric(name: str, stages: tuple[str, ...] | list[str], tasks: tuple[
     prefix = name.split(".", 1)[0]
     if prefix not in EMITTED:
         return f"unknown metric {name!r}: names start with one of {', '.join(p + '.' for p in EMITTED)}"
-    if prefix in ("quant", "train", "eval") and prefix not in stages:
-        return f"metric {name!r} needs stage {prefix!r}, which this suite does not run"
+    stage = {"gen": "generate"}.get(prefix, prefix)
+    if stage in ("quant", "train", "eval", "generate") and stage not in stages:
+        return f"metric {name!r} needs stage {stage!r}, which this suite does not run"
     if any(fnmatch.fnmatchcase(name, p) for p in EMITTED[prefix]):
         return None
     if prefix == "eval":
