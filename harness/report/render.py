@@ -165,6 +165,8 @@ def _stats_view(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
     st = stats.run_stats(records, {suite: ref}).get("suites", {}).get(suite, {})
 
     def interval(d: dict[str, Any], k: int | None = None) -> str:
+        if d.get("estimate") is None:  # the metric is missing on one side
+            return "–"
         if d.get("lo") is None:
             return f"{d['estimate']:+.4g} (no interval)"
         k = k if k is not None else stats.digits_for((d["hi"] - d["lo"]) / 2)
