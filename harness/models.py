@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -83,9 +84,37 @@ def train_tokenizer(corpus: list[str], vocab_size: int, out: Path):
     return fast
 
 
+@contextlib.contextmanager
+def deterministic_torch(seed: int):
+    """One CPU thread, deterministic kernels and every RNG seeded, restored on exit.
+
+    The thread count decides how matmuls and reductions split their sums: 8 threads gave a different
+    pretrained base than 1 or 2 after 10 steps, so a machine with more cores rebuilt a different base.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
+
+
 def pretrain(model, tokenizer, path: str, steps: int, seed: int, batch_size: int = 16, max_length: int = 64,
              lr: float = 2e-3) -> list[float]:
-    """A short full-parameter pretraining of a small synthetic model on the given JSONL's ``text`` rows."""
+    """A short full-parameter pretraining of a small synthetic model on the given JSONL's ``text`` rows.
+
+    Bit for bit reproducible on any machine of the same kind: run it inside ``deterministic_torch``.
+    """
     import random
 
     import torch
@@ -93,7 +122,7 @@ def pretrain(model, tokenizer, path: str, steps: int, seed: int, batch_size: int
 
     texts = [json.loads(line)["text"] + tokenizer.eos_token for line in open(path) if line.strip()]
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=False)  # one fixed kernel path
     model.train()
     losses = []
     with Progress(transient=True) as progress:
@@ -112,15 +141,32 @@ def pretrain(model, tokenizer, path: str, steps: int, seed: int, batch_size: int
     return losses
 
 
-def _fingerprint(folder: Path) -> str:
-    """A cheap content hash of a checkpoint: file names, sizes and each file's first MiB."""
+FULL_HASH_BYTES = 4 * 2**30  # checkpoints up to this size are hashed whole; larger ones by head and tail
+
+
+def _fingerprint(folder: Path, tokenizer: Path | None = None) -> str:
+    """A content hash of a checkpoint (every byte of its tensors and config) and of its tokenizer's files.
+
+    Above ``FULL_HASH_BYTES`` (hub checkpoints of billions of parameters) each file contributes its size and
+    first and last MiB, and the hash says so with a ``p:`` prefix.
+    """
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json"))
+    if tokenizer is not None:
+        files += sorted(f for f in Path(tokenizer).glob("*") if f.is_file())
+    full = sum(f.stat().st_size for f in files) <= FULL_HASH_BYTES
     h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json")):
-        h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
         with open(f, "rb") as fh:
-            h.update(fh.read(2**20))
-    return h.hexdigest()[:16]
+            if full:
+                for block in iter(lambda: fh.read(2**24), b""):
+                    h.update(block)
+            else:
+                h.update(fh.read(2**20))
+                fh.seek(max(0, size - 2**20))
+                h.update(fh.read(2**20))
+    return ("" if full else "p:") + h.hexdigest()[:16]
 
 
 def _synthetic(case: Case) -> Source:
@@ -132,7 +178,7 @@ def _synthetic(case: Case) -> Source:
     corpus = ([case.data.train] + list(case.data.tokenizer_corpus)) if case.data else []
     if spec.pretrain:
         corpus.append(spec.pretrain)
-    key = _digest(corpus, f"{preset}-{spec.num_layers}-{spec.pretrain_steps}-{case.settings.seed}-v1")
+    key = _digest(corpus, f"{preset}-{spec.num_layers}-{spec.pretrain_steps}-{case.settings.seed}-v2")
     folder = cache_dir() / "synthetic" / f"{preset.name}-{key}"
     counts = presets.param_count(preset, num_layers=spec.num_layers)
     materialize = counts["total"] <= MAX_MATERIALIZED_PARAMS
@@ -145,12 +191,12 @@ def _synthetic(case: Case) -> Source:
             if materialize:
                 from transformers import AutoModelForCausalLM
 
-                torch.manual_seed(case.settings.seed)
                 config = preset.hf_config(num_layers=spec.num_layers)
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-                if spec.pretrain:
-                    tokenizer = load_tokenizer(Source(None, tok_dir, preset))
-                    pretrain(model, tokenizer, spec.pretrain, spec.pretrain_steps, case.settings.seed)
+                with deterministic_torch(case.settings.seed):  # the same base on every machine of this kind
+                    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                    if spec.pretrain:
+                        tokenizer = load_tokenizer(Source(None, tok_dir, preset))
+                        pretrain(model, tokenizer, spec.pretrain, spec.pretrain_steps, case.settings.seed)
                 # fp32 on disk: the 16-bit base is then a rounding of it, and the quant stage has a true floor
                 model.save_pretrained(folder / "checkpoint")
             (folder / "done").write_text("ok\n")
@@ -161,7 +207,7 @@ def _synthetic(case: Case) -> Source:
         "shape_from": preset.source,
         "num_layers": spec.num_layers or preset.num_hidden_layers,
         "params": counts,
-        "fingerprint": _fingerprint(checkpoint) if checkpoint else key,
+        "fingerprint": _fingerprint(checkpoint, folder / "tokenizer" if corpus else None) if checkpoint else key,
     }
     return Source(checkpoint, folder / "tokenizer" if corpus else None, preset, info)
 

@@ -106,3 +106,29 @@ def env_items(env: dict[str, Any]) -> list[tuple[str, str]]:
         if key not in {"gpu", "cpu", "python", "git", "versions", "host", "hostname"} and value not in (None, "", {}):
             items.append((key, json.dumps(value) if isinstance(value, dict | list) else str(value)))
     return items
+
+
+def differing_bases(records: list[Record], baseline: dict[str, Record] | None = None) -> list[str]:
+    """One line per comparison whose cases were not run on the same base (``record.model['fingerprint']``).
+
+    Within a run, cases of a suite that differ only by method are compared with each other; against a baseline,
+    each case is compared with the baseline's record of the same id. Records without a fingerprint are skipped.
+    """
+    lines = []
+    groups: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for r in records:
+        fp = r.model.get("fingerprint")
+        if fp is None:
+            continue
+        key = (r.suite, json.dumps({k: v for k, v in r.params.items() if k != "method"}, sort_keys=True, default=str))
+        groups.setdefault(key, {}).setdefault(str(fp), []).append(case_label(r.case_id))
+    for (suite, _), by_fp in groups.items():
+        if len(by_fp) > 1:
+            parts = "; ".join(f"{fp[:12]}: {', '.join(cases)}" for fp, cases in sorted(by_fp.items()))
+            lines.append(f"{suite}: cases compared with each other ran on different bases ({parts})")
+    for r in records:
+        old = (baseline or {}).get(r.case_id)
+        fp, old_fp = r.model.get("fingerprint"), old.model.get("fingerprint") if old else None
+        if fp is not None and old_fp is not None and fp != old_fp:
+            lines.append(f"{r.case_id}: base {str(fp)[:12]} differs from the baseline's {str(old_fp)[:12]}")
+    return lines

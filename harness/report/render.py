@@ -16,7 +16,7 @@ from harness.compare import load_baseline
 from harness.records import SAFE_NAME, RecordError, list_runs, one_line
 from harness.report import charts as ch
 from harness.report import tables
-from harness.report.data import Run, env_items, git_text, load_run, machine, write_text_atomic
+from harness.report.data import Run, differing_bases, env_items, git_text, load_run, machine, write_text_atomic
 
 TEMPLATES = Path(__file__).parent / "templates"
 MANY_METRICS = (  # metrics charted across runs by render_many, when present
@@ -139,6 +139,7 @@ def render_run(run_dir: Path, reports_dir: Path, *, baseline: Path | str | None 
             "model": _model_text(records[0].model),
             "table": tables.suite_table(records, base),
             "merge": tables.merge_table(records),
+            "bases": differing_bases(records, base),  # comparisons made across different base models
             "all": tables.all_metrics(records),
             "charts": _chart_views(suite, ch.suite_charts(records)),
             "stats": _stats_view(run_dir, suite, records),
