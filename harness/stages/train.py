@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from harness import methods, precision
-from harness.measure import memory, noise, steps, tensors
+from harness.measure import health, memory, noise, steps, tensors
 from harness.stages import Context, Inputs, StageOutput, TrainedAdapter, free, sync
 
 PROJECTION_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -223,6 +223,10 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
         out.metrics["train.loss_first"] = first
         out.metrics["train.loss_last"] = last
         out.metrics["train.loss_drop"] = first - last
+    unhealthy = health.check(measure.loss)  # NaN, collapsed to zero, or not falling: the case fails
+    out.metrics["train.healthy"] = 0.0 if unhealthy else 1.0
+    if unhealthy:
+        out.failures.append(f"training unhealthy: {unhealthy}")
 
     adapter = ctx.work_dir / "adapter"
     trainer.model.save_pretrained(adapter, safe_serialization=True)
