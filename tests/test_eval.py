@@ -17,7 +17,7 @@ SUITE = """\
 name: ev
 tiers: [cpu]
 model: {source: synthetic, preset: tiny-llama, num_layers: 2, pretrain: data/support_pretrain.jsonl, pretrain_steps: 10}
-data: {train: data/support_train.jsonl, tokenizer_corpus: [data/support_mc.jsonl, data/support_heldout.jsonl]}
+data: {train: data/support_train.jsonl}
 stages: [train, eval]
 settings: {seq_len: 48, batch_size: 4, max_steps: 6, warmup_steps: 1, eval_limit: 12}
 matrix:
