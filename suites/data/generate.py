@@ -7,6 +7,12 @@ there is something to learn; their wordings are not, so a score measures knowled
 string. The synthetic base is pretrained on other products of the same maker in every wording, trained and
 held-out (the stand-in for a pretrained model that knows the language of the domain and its paraphrases, but
 none of the facts under test). ``support_recall`` asks the facts in a trained wording: a memorisation check.
+
+Size: 20 products x 8 attributes = 160 facts, each asked in 3 held-out wordings = 480 items. The 95% half-width
+of a paired accuracy difference between two methods on n items is 1.96 * sqrt(q / n), q the share of items on
+which exactly one of the two is right: at n = 480 that is +-0.040 for q = 0.2 and +-0.049 for q = 0.3 (two
+methods right 70% of the time with independent errors, q = 0.42, is the worst case: +-0.058). The three
+wordings of a fact are not independent items: counted by facts alone (n = 160) q = 0.1 gives +-0.049.
 """
 
 from __future__ import annotations
