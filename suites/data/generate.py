@@ -8,11 +8,13 @@ string. The synthetic base is pretrained on other products of the same maker in 
 held-out (the stand-in for a pretrained model that knows the language of the domain and its paraphrases, but
 none of the facts under test). ``support_recall`` asks the facts in a trained wording: a memorisation check.
 
-Size: 20 products x 8 attributes = 160 facts, each asked in 3 held-out wordings = 480 items. The 95% half-width
-of a paired accuracy difference between two methods on n items is 1.96 * sqrt(q / n), q the share of items on
-which exactly one of the two is right: at n = 480 that is +-0.040 for q = 0.2 and +-0.049 for q = 0.3 (two
-methods right 70% of the time with independent errors, q = 0.42, is the worst case: +-0.058). The three
-wordings of a fact are not independent items: counted by facts alone (n = 160) q = 0.1 gives +-0.049.
+Size: 10 products x 8 attributes = 80 facts, each asked in 5 held-out wordings = 400 items (at 20 products and
+160 facts the tiny model learnt none of them in the smoke suite's 300 steps: 5 passes over the data; at 80
+facts it sees each about 10 times). The 95% half-width of a paired accuracy difference between two methods on
+n items is 1.96 * sqrt(q / n), q the share of items on which exactly one of the two is right: at n = 400 that
+is +-0.044 for q = 0.2 and +-0.054 for q = 0.3. The five wordings of a fact are not independent items: counted
+by facts alone (n = 80) q = 0.05 gives +-0.049. Held-out bits per byte, a continuous per-page score, is the
+primary quality metric.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from pathlib import Path
 
 SEED = 1234
 # The products whose facts the adapters learn and the eval asks about.
+# Ten products x 8 attributes = 80 facts in 240 training rows: 300 steps of 8 rows see each about 10 times
+# (at 160 facts the tiny model learnt none of them in 300 steps); 5 held-out wordings a fact give 400 items.
 PRODUCTS = ["Zephyr X2", "Nimbus Hub", "Quill Pad", "Orbit Cam", "Drift Speaker", "Lumen Lamp", "Tarn Lock",
-            "Ember Kettle", "Vale Thermostat", "Pico Tag", "Atlas Scale", "Bramble Blinds", "Coral Router",
-            "Delta Vacuum", "Ferro Grill", "Glint Watch", "Halo Purifier", "Juniper Mixer", "Kestrel Drone",
-            "Marlow Radio"]
+            "Ember Kettle", "Vale Thermostat", "Pico Tag"]
 # Other products of the same maker: the synthetic base is pretrained on these, so it knows the language of the
 # domain but none of the facts the adapters must learn (a stand-in for a pretrained model and a new product line).
 PRETRAIN_PRODUCTS = ["Aster Buds", "Briar Fan", "Cobalt Dock", "Dune Scale", "Echo Dial", "Fern Bulb", "Gale Purifier",
@@ -55,56 +57,64 @@ ATTRIBUTES = {
         ["1 year", "2 years", "3 years", "5 years"],
         ["How long is the warranty of the {p}?", "What warranty comes with the {p}?"],
         ["For how long is the {p} covered?", "What is the guarantee period on {a} {p}?",
-         "How much cover is included when buying {a} {p}?"],
+         "How much cover is included when buying {a} {p}?",
+         "Until when will repairs on my {p} be free?", "What protection term does the maker give {a} {p}?"],
         "The {p} comes with a warranty of {v}.",
         "Every {p} is covered for {v} from the date of purchase."),
     "reset": Attribute(
         ["the power button", "the reset pin", "the mode button", "the home button"],
         ["How do I reset the {p}?", "Which control resets the {p}?"],
         ["What must be held down to restart the {p} from scratch?", "What do I press to recover my {p} after a freeze?",
-         "What restores the factory settings on {a} {p}?"],
+         "What restores the factory settings on {a} {p}?",
+         "My {p} froze; what brings it back?", "Which part of {a} {p} wipes it clean when held?"],
         "To reset the {p}, hold {v} for ten seconds.",
         "Keep {v} pressed for a count of ten to return {a} {p} to its factory settings."),
     "light": Attribute(
         ["low battery", "no network", "a firmware update", "overheating"],
         ["What does a blinking amber light on the {p} mean?", "The {p} blinks amber. Why?"],
         ["Why is the amber lamp flashing on my {p}?", "What is {a} {p} telling me when it flashes amber?",
-         "What fault does an amber glow pulsing on the {p} signal?"],
+         "What fault does an amber glow pulsing on the {p} signal?",
+         "An orange flicker appears on my {p}; what is wrong?", "What problem makes {a} {p} pulse in amber?"],
         "A blinking amber light on the {p} means {v}.",
         "When it flashes amber, {a} {p} is reporting {v}."),
     "charger": Attribute(
         ["USB-C", "micro USB", "a barrel plug", "a wireless pad"],
         ["What charger does the {p} use?", "How is the {p} charged?"],
         ["What do I plug in to power up {a} {p}?", "How do I refill the battery of my {p}?",
-         "Which charging method suits {a} {p}?"],
+         "Which charging method suits {a} {p}?",
+         "What cable or pad feeds power to my {p}?", "Through what does {a} {p} take its charge?"],
         "The {p} charges with {v}.",
         "Power reaches {a} {p} through {v}."),
     "app": Attribute(
         ["Aurora Home", "Aurora Link", "Aurora Care", "Aurora Studio"],
         ["Which app sets up the {p}?", "What app do I need for the {p}?"],
         ["Which phone software pairs with {a} {p}?", "What should I install to configure my {p}?",
-         "Which companion program controls {a} {p}?"],
+         "Which companion program controls {a} {p}?",
+         "What software do I download before first use of {a} {p}?", "My {p} needs a phone helper; which one?"],
         "Set up the {p} with the {v} app.",
         "A phone pairs with {a} {p} through {v}."),
     "pin": Attribute(
         ["0000", "1234", "4321", "9999"],
         ["What is the default PIN of the {p}?", "Which PIN does a new {p} use?"],
         ["What code unlocks {a} {p} out of the box?", "Which passcode does {a} {p} ship with?",
-         "What number is set on my {p} at the factory?"],
+         "What number is set on my {p} at the factory?",
+         "Which digits open a brand new {p}?", "What unlock number comes preset on {a} {p}?"],
         "The default PIN of the {p} is {v}.",
         "Out of the box, {a} {p} unlocks with the code {v}."),
     "battery": Attribute(
         ["8 hours", "12 hours", "24 hours", "48 hours"],
         ["How long does the battery of the {p} last?", "What is the battery life of the {p}?"],
         ["How long can {a} {p} run on one charge?", "For how many hours will my {p} keep going unplugged?",
-         "What runtime does a fully charged {p} give?"],
+         "What runtime does a fully charged {p} give?",
+         "Away from a socket, how long will {a} {p} work?", "How many hours does my {p} manage between charges?"],
         "The battery of the {p} lasts {v}.",
         "A full charge keeps {a} {p} running for {v}."),
     "water": Attribute(
         ["IP54", "IP65", "IP67", "IP68"],
         ["What is the water rating of the {p}?", "How water resistant is the {p}?"],
         ["Which ingress code does {a} {p} carry?", "How well is my {p} sealed against splashes?",
-         "What protection class against moisture has {a} {p}?"],
+         "What protection class against moisture has {a} {p}?",
+         "To what grade can my {p} survive rain?", "What dust and liquid grade is printed on {a} {p}?"],
         "The {p} is rated {v} against water.",
         "Its seals give {a} {p} the {v} protection class."),
 }
