@@ -16,7 +16,15 @@ from harness.compare import load_baseline
 from harness.records import SAFE_NAME, RecordError, list_runs, one_line
 from harness.report import charts as ch
 from harness.report import tables
-from harness.report.data import Run, differing_bases, env_items, git_text, load_run, machine, write_text_atomic
+from harness.report.data import (
+    Run,
+    differing_bases,
+    env_items,
+    git_text,
+    load_run,
+    machine,
+    write_text_atomic,
+)
 
 TEMPLATES = Path(__file__).parent / "templates"
 MANY_METRICS = (  # metrics charted across runs by render_many, when present
