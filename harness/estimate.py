@@ -269,8 +269,9 @@ def fits(est: Estimate, budget_gib: float) -> tuple[bool, str]:
 def for_case(case, device: str) -> Estimate | None:
     """The estimate of a suite case whose model shape is known (synthetic presets), else None."""
     from harness import presets
+    from harness.measure.machine import resolve_compute_dtype
 
     if case.model.source != "synthetic":
         return None
-    return estimate(presets.PRESETS[case.model.preset], case.settings, num_layers=case.model.num_layers,
-                    device=device)
+    return estimate(presets.PRESETS[case.model.preset], resolve_compute_dtype(case.settings, device),
+                    num_layers=case.model.num_layers, device=device)

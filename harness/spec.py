@@ -57,7 +57,9 @@ class Settings(Strict):
     method: str = "qlora-nf4"
     # quantization
     blocksize: int = 64  # 4-bit block size of the quant stage (loading a 4-bit model always uses 64)
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # "auto": bf16 where the device computes it natively (a GPU from Ampere on, a CPU with avx512_bf16 or AMX),
+    # else fp32 (bf16 matmuls without native support are emulated: 55x slower than fp32 on an AVX2 CPU)
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "bf16"
     # what norms, embeddings, lm_head and adapters hold in training, the same for every method (precision.py)
     precision: Literal["recipe", "fp32-adapters", "native"] = "recipe"
     quant_storage: Literal["uint8", "bf16", "fp16", "fp32"] = "uint8"

@@ -131,9 +131,11 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
 
     work_dir.mkdir(parents=True, exist_ok=True)
     started = utcnow()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # compute_dtype "auto" becomes what this device computes natively; the record keeps the resolved dtype
+    case = case.model_copy(update={"settings": machine.resolve_compute_dtype(case.settings, device)})
     record = Record(run_id=run_id, suite=case.suite, case_id=case.case_id, method=case.method,
                     params=case.params, status="passed", env=machine.environment(), started_at=started)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     sampler = memory.Sampler(cuda=device == "cuda").start()
     try:

@@ -80,3 +80,32 @@ def test_xdist_workers_are_pinned_round_robin(workerid, count, env, pinned):
     assert pin_worker_gpu(workerid, count, env) == pinned
     if pinned is not None:
         assert env["CUDA_VISIBLE_DEVICES"] == pinned
+
+
+def test_auto_compute_dtype_is_what_the_device_computes_natively(monkeypatch):
+    from harness.estimate import for_case
+    from harness.measure import machine
+    from harness.spec import Settings
+
+    auto = Settings(compute_dtype="auto")
+    monkeypatch.setattr(machine, "native_bf16", lambda device: False)  # an AVX2 CPU: bf16 is emulated
+    assert machine.resolve_compute_dtype(auto, "cpu").compute_dtype == "fp32"
+    monkeypatch.setattr(machine, "native_bf16", lambda device: True)
+    assert machine.resolve_compute_dtype(auto, "cpu").compute_dtype == "bf16"
+    assert machine.resolve_compute_dtype(Settings(compute_dtype="fp16"), "cpu").compute_dtype == "fp16"
+
+    class Case:  # the estimator resolves before it counts bytes
+        model = type("M", (), {"source": "synthetic", "preset": "tiny-llama", "num_layers": 2})()
+        settings = auto
+
+    assert for_case(Case(), "cpu").weights_gib > 0
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
+    from harness.measure import machine
+
+    real = machine.Path.read_text
+    for flags, want in (("fpu avx2 fma", False), ("avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True)):
+        monkeypatch.setattr(machine.Path, "read_text",
+                            lambda self, *a, _f=flags, **k: _f if str(self) == "/proc/cpuinfo" else real(self, *a, **k))
+        assert machine.native_bf16("cpu") is want

@@ -103,3 +103,24 @@ def memory_budget_gib() -> float | None:
     """Total memory of the first visible GPU in GiB, or None without one."""
     gpu = gpu_info()
     return None if gpu is None else gpu["memory_gib"]
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes bf16 matmuls natively (a CUDA GPU that supports it; a CPU with the
+    avx512_bf16 or amx_bf16 instructions). Elsewhere torch emulates bf16, far slower than fp32."""
+    if device == "cuda":
+        import torch
+
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_compute_dtype(settings, device: str):
+    """``settings`` with ``compute_dtype: auto`` resolved for ``device`` (unchanged otherwise)."""
+    if settings.compute_dtype != "auto":
+        return settings
+    return settings.model_copy(update={"compute_dtype": "bf16" if native_bf16(device) else "fp32"})
