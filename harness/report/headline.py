@@ -15,23 +15,31 @@ START, END = "<!-- headline:start -->", "<!-- headline:end -->"
 def _order(method: str) -> int:
     return list(METHODS).index(method) if method in METHODS else len(METHODS)
 
-# (column, metric, format); "peak" picks the best memory figure the run has (allocator on a GPU, RSS on the CPU)
+# (column, metric, format). A prediction is shown only beside the measurement it predicts (PAIRED): the
+# allocator estimate beside torch's allocator peak, the total beside NVML process memory, and on the CPU the
+# estimate at the profiled step beside that step's tensor-level peak. Process RSS has no prediction.
 COLUMNS = [
     ("peak allocated GiB", "train.peak_allocated_gib", "{:.2f}"),
+    ("predicted allocator GiB", "estimate.allocator_gib", "{:.2f}"),
     ("peak NVML GiB", "train.nvml_peak_gib", "{:.2f}"),
+    ("predicted total GiB", "estimate.total_gib", "{:.2f}"),
+    ("tensor peak GiB", "train.tensor_peak_gib", "{:.3f}"),
+    ("predicted GiB at that step", "estimate.at_profiled_step_gib", "{:.3f}"),
     ("peak RSS GiB", "train.peak_rss_gib", "{:.3f}"),
-    ("RSS over start GiB", "train.peak_rss_over_start_gib", "{:.3f}"),
-    ("predicted GiB", "estimate.total_gib", "{:.3f}"),
-    ("tokens/s", "train.tokens_per_s", "{:,.0f}"),
+    ("tokens/s (median step)", "train.tokens_per_s", "{:,.0f}"),
     ("MFU", "train.mfu", "{:.1%}"),
     ("weights MB", "train.weight_bytes", "{:.2f}"),
     ("RMSE", "quant.rmse", "{:.2e}"),
     ("int4 / method RMSE", "quant.int4_over_method_rmse_ratio", "{:.2f}"),
     ("bits/param", "quant.bits_per_param", "{:.3f}"),
+    ("held-out bits/byte", "eval.support_ppl.bits_per_byte", "{:.3f}"),
+    ("recall acc", "eval.support_recall.acc", "{:.3f}"),
     ("support_mc acc (base → adapter)", None, ""),
     ("gap to lora-bf16", "eval.support_mc.acc_gap", "{:+.3f}"),
     ("merged acc", "eval.support_mc.merged_acc", "{:.3f}"),
 ]
+PAIRED = {"estimate.allocator_gib": "train.peak_allocated_gib", "estimate.total_gib": "train.nvml_peak_gib",
+          "estimate.at_profiled_step_gib": "train.tensor_peak_gib"}
 
 
 def _cell(r: Record, metric: str | None, fmt: str) -> str:
@@ -95,6 +103,8 @@ def table(run_dir: Path, suite: str = "smoke") -> str:
     summaries = {g.group_id: stats.summarise(g) for g in groups}
     columns = [c for c in COLUMNS if not (shown_diffs and c[1] == "eval.support_mc.acc_gap")]
     cols = [c for c in columns if any(_group_cell(g, summaries[g.group_id], c[1], c[2]) for g in groups)]
+    shown = {c[1] for c in cols}
+    cols = [c for c in cols if c[1] not in PAIRED or PAIRED[c[1]] in shown]  # like with like, or not at all
     heads = [c[0] for c in cols] + [h.replace("Δ", f"Δ to {ref},", 1) for _, h in shown_diffs]
     lines = ["| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for g in groups:
