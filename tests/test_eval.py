@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# pytester restores sys.modules after a test: extension modules first imported inside one (numpy.fft through
+# lm-eval's metrics) then cannot be loaded again by a later test. Import them before any test runs.
+import numpy.fft  # noqa: F401
+import peft  # noqa: F401
 import pytest
 import yaml
 
-from harness.stages.evaluate import prepare_tasks
+from harness.stages.evaluate import prepare_tasks, score
 
 pytest_plugins = ["pytester"]
 SUITES = Path(__file__).resolve().parents[1] / "suites"
@@ -19,7 +23,7 @@ tiers: [cpu]
 model: {source: synthetic, preset: tiny-llama, num_layers: 2, pretrain: data/support_pretrain.jsonl, pretrain_steps: 10}
 data: {train: data/support_train.jsonl}
 stages: [train, eval]
-settings: {seq_len: 48, batch_size: 4, max_steps: 6, warmup_steps: 1, eval_limit: 12}
+settings: {seq_len: 48, batch_size: 4, max_steps: 12, warmup_steps: 1, eval_limit: 12, learning_rate: 0.002, compute_dtype: auto}
 matrix:
   method: [qlora-nf4-dq]
 eval:
@@ -93,7 +97,6 @@ def test_scores_are_float32_log_likelihoods(tmp_path):
     from harness.models import Source, build_on_device, train_tokenizer
     from harness.spec import load_suite
     from harness.stages import Context
-    from harness.stages.evaluate import score
 
     shutil.copytree(SUITES / "data", tmp_path / "data")
     shutil.copytree(SUITES / "tasks", tmp_path / "tasks")
@@ -112,7 +115,7 @@ def test_scores_are_float32_log_likelihoods(tmp_path):
         base = build_on_device(Source(None, None, presets.PRESETS["tiny-llama"], {"num_layers": 1}),
                                "lora-bf16", "bf16", "cpu")
         model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).eval()
-        flat, _ = score(model, tok, Context(case, None, "cpu", tmp_path, tmp_path))
+        flat, *_ = score(model, tok, Context(case, None, "cpu", tmp_path, tmp_path))
         nats = flat[f"{task}.bits_per_byte"] * n_bytes * math.log(2)  # the summed log-likelihood, in nats
         totals.append(nats)
     # bf16 sums are whole numbers; a float32 sum lands within 1e-3 of one by chance 0.2% of the time (it did
