@@ -336,8 +336,10 @@ def difference_chart(records: list[Record]) -> Chart | None:
         return None
     names = list(dict.fromkeys(d["metric"] for d in diffs))
     ref = next(iter(suites.values()))["reference"]
+    # plotly refuses a spacing above 1 / (cols - 1): many metrics get narrower gaps
+    spacing = min(0.12, 0.8 / (len(names) - 1)) if len(names) > 1 else 0.12
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=[n.removeprefix("eval.") for n in names],
-                        horizontal_spacing=0.12)
+                        horizontal_spacing=spacing)
     fig.update_layout(**{**LAYOUT, "showlegend": False, "margin": {**LAYOUT["margin"], "t": 40, "l": 110}})
     for col, name in enumerate(names, start=1):
         mine = [d for d in diffs if d["metric"] == name]
