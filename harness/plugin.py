@@ -184,7 +184,33 @@ class SuiteFile(pytest.File):
             yield BaselineGroupItem.from_parent(self, name=f"{suite.name}[baseline]", cases=cases, suite=suite)
 
 
-class CaseItem(pytest.Item):
+class HarnessItem(pytest.Item):
+    """What the harness's items share: a failure is its message (no traceback), and cross-case items find
+    the cases of theirs that this session runs."""
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, CaseFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, None, self.name
+
+    def ran_cases(self):
+        """(the run, this item's cases selected in this session for this machine); skips when there are none."""
+        run = self.config.stash[RUN_KEY]
+        selected = {i.case.case_id for i in self.session.items if isinstance(i, CaseItem)}
+        cases = [c for c in self.cases if c.case_id in selected and run.not_selected(c) is None]
+        if not cases:
+            pytest.skip("none of its cases ran in this session")
+        return run, cases
+
+    def wait_s(self, cases) -> float:
+        """How long to wait for cases other xdist workers run (0 without xdist: they ran before this item)."""
+        return sum(c.timeout_s for c in cases) if hasattr(self.config, "workerinput") else 0
+
+
+class CaseItem(HarnessItem):
     def __init__(self, *, case, suite, **kwargs):
         super().__init__(**kwargs)
         self.case = case
@@ -202,16 +228,8 @@ class CaseItem(pytest.Item):
         if record.status != "passed":
             raise CaseFailed(f"{record.status}: {record.message}")
 
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, CaseFailed):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style)
 
-    def reportinfo(self):
-        return self.path, None, self.name
-
-
-class RatioItem(pytest.Item):
+class RatioItem(HarnessItem):
     """A ratio between cases of one suite, checked after those cases ran (in this session)."""
 
     def __init__(self, *, exp, cases, **kwargs):
@@ -220,29 +238,16 @@ class RatioItem(pytest.Item):
         self.cases = cases
 
     def runtest(self):
-        run = self.config.stash[RUN_KEY]
-        selected = {i.case.case_id for i in self.session.items if isinstance(i, CaseItem)}
-        cases = [c for c in self.cases if c.case_id in selected and run.not_selected(c) is None]
-        if not cases:
-            pytest.skip("none of its cases ran in this session")
-        xdist = hasattr(self.config, "workerinput")
-        results = run.check_ratio(self.exp, cases, wait_s=sum(c.timeout_s for c in cases) if xdist else 0)
+        run, cases = self.ran_cases()
+        results = run.check_ratio(self.exp, cases, wait_s=self.wait_s(cases))
         if not results:
             pytest.skip("no pair of numerator and denominator cases ran in this session")
         bad = [r.message for r in results if not r.ok]
         if bad:
             raise CaseFailed("; ".join(bad))
 
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, CaseFailed):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style)
 
-    def reportinfo(self):
-        return self.path, None, self.name
-
-
-class NonInferiorityItem(pytest.Item):
+class NonInferiorityItem(HarnessItem):
     """``method`` at most ``margin`` worse than ``against``, judged once every seed of both groups ran.
 
     Outcomes: pass; fail (the interval lies beyond the margin); inconclusive, reported as a skip whose
@@ -264,12 +269,8 @@ class NonInferiorityItem(pytest.Item):
         from harness import stats
         from harness.records import write_json_atomic
 
-        run = self.config.stash[RUN_KEY]
-        selected = {i.case.case_id for i in self.session.items if isinstance(i, CaseItem)}
-        cases = [c for c in self.cases if c.case_id in selected and run.not_selected(c) is None]
-        if not cases:
-            pytest.skip("none of its cases ran in this session")
-        wait_s = sum(c.timeout_s for c in cases) if hasattr(self.config, "workerinput") else 0
+        run, cases = self.ran_cases()
+        wait_s = self.wait_s(cases)
         records = _wait_records(run, cases[0].suite, {c.case_id for c in cases}, wait_s)
         against = self.exp.against or self.suite.reference
         ran = [records[c.case_id] for c in cases if c.case_id in records]
@@ -286,16 +287,8 @@ class NonInferiorityItem(pytest.Item):
         if unclear:
             pytest.skip("inconclusive: " + "; ".join(unclear))
 
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, CaseFailed):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style)
 
-    def reportinfo(self):
-        return self.path, None, self.name
-
-
-class BaselineGroupItem(pytest.Item):
+class BaselineGroupItem(HarnessItem):
     """Replicated cases against ``--baseline`` by group: a regression only when the interval over seeds of the
     relative change lies beyond the tolerance (single cases of a replicated suite are not compared alone)."""
 
@@ -308,12 +301,8 @@ class BaselineGroupItem(pytest.Item):
         from harness import stats
         from harness.records import write_json_atomic
 
-        run = self.config.stash[RUN_KEY]
-        selected = {i.case.case_id for i in self.session.items if isinstance(i, CaseItem)}
-        cases = [c for c in self.cases if c.case_id in selected and run.not_selected(c) is None]
-        if not cases:
-            pytest.skip("none of its cases ran in this session")
-        wait_s = sum(c.timeout_s for c in cases) if hasattr(self.config, "workerinput") else 0
+        run, cases = self.ran_cases()
+        wait_s = self.wait_s(cases)
         records = _wait_records(run, self.suite.name, {c.case_id for c in cases}, wait_s)
         base = [r for r in (run.baseline or {}).values() if r.suite == self.suite.name]
         changes = stats.compare_groups([records[c.case_id] for c in cases if c.case_id in records], base,
@@ -325,14 +314,6 @@ class BaselineGroupItem(pytest.Item):
         bad = [c.message for c in changes if c.regressed]
         if bad:
             raise CaseFailed("; ".join(bad))
-
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, CaseFailed):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style)
-
-    def reportinfo(self):
-        return self.path, None, self.name
 
 
 def _slug(text: str) -> str:
