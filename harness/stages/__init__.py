@@ -30,6 +30,12 @@ class Inputs:
 
     adapter: TrainedAdapter | None = None
 
+    def trained(self, stage: str) -> TrainedAdapter:
+        """The train stage's adapter, which ``stage`` needs (a ValueError naming both when it is missing)."""
+        if self.adapter is None:
+            raise ValueError(f"stage {stage!r} needs the adapter of stage 'train'")
+        return self.adapter
+
     def updated(self, out: StageOutput) -> Inputs:
         return replace(self, adapter=out.adapter) if out.adapter is not None else self
 

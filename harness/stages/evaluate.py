@@ -273,12 +273,11 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
 
     from harness import models
 
-    if inputs.adapter is None:
-        raise ValueError("stage 'eval' needs the adapter of stage 'train'")
+    trained = inputs.trained("eval")
     s = ctx.case.settings
     out = StageOutput()
-    tokenizer = inputs.adapter.tokenizer or models.load_tokenizer(ctx.source)
-    adapter = inputs.adapter.path
+    tokenizer = trained.tokenizer or models.load_tokenizer(ctx.source)
+    adapter = trained.path
 
     base_flat, cached, base_items = base_scores(ctx, tokenizer)
     out.tables["eval.items.base"] = base_items

@@ -97,11 +97,10 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
     from harness import methods, models
     from harness.methods import merge
 
-    if inputs.adapter is None:
-        raise ValueError("stage 'generate' needs the adapter of stage 'train'")
+    trained = inputs.trained("generate")
     s = ctx.case.settings
     out = StageOutput()
-    tokenizer = inputs.adapter.tokenizer or models.load_tokenizer(ctx.source)
+    tokenizer = trained.tokenizer or models.load_tokenizer(ctx.source)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sizes = [int(b) for b in s.gen_batch_sizes.split(",")]
     prompts = {b: prompt_ids(ctx, tokenizer, b, s.gen_prompt_tokens) for b in sizes}
@@ -118,7 +117,7 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
         sampler = ctx.sampler
         with sampler.phase(phase) if sampler is not None else contextlib.nullcontext():
             t = time.perf_counter()
-            model = merge.build(form, s.method, inputs.adapter.path, load, s.compute_dtype)
+            model = merge.build(form, s.method, trained.path, load, s.compute_dtype)
             sync(ctx.device)
             build_s = time.perf_counter() - t
             timings, outputs = time_form(model, prompts, s, pad_id, ctx.device)
