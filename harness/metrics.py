@@ -77,6 +77,66 @@ def direction(name: str) -> Direction:
 
 
 
+# -- names other modules refer to ---------------------------------------------------------------------------
+# The report, the headline and the README tables name metrics through these, so that a metric is renamed in
+# one place; a test refuses metric-name literals in harness/report/ and checks each of these is emitted.
+# training: memory (units in the name), throughput, loss
+PEAK_ALLOCATED = "train.peak_allocated_gib"  # torch allocator
+PEAK_RESERVED = "train.peak_reserved_gib"
+NVML_PEAK = "train.nvml_peak_gib"  # this process on the GPU, as NVML sees it
+PEAK_RSS = "train.peak_rss_gib"  # the whole process (interpreter and libraries included)
+TENSOR_PEAK = "train.tensor_peak_gib"  # live tensors on the CPU (what the estimator predicts)
+MANAGED = "train.managed_gib"
+TOKENS_PER_S = "train.tokens_per_s"  # real tokens over the median step
+MFU = "train.mfu"
+STEP_MEDIAN_MS = "train.step_median_ms"
+WEIGHT_BYTES = "train.weight_bytes"
+LOSS_LAST = "train.loss_last"
+LOSS_DROP = "train.loss_drop"
+LOSS_SERIES = "train.loss"  # a series, not a metric
+TIMING_TABLE = "train.timing"  # a table: the noise guard's verdict
+# quantization
+RMSE = "quant.rmse"
+INT4_RMSE = "quant.int4_ref.rmse"
+INT4_OVER_METHOD = "quant.int4_over_method_rmse_ratio"
+REL_ERROR = "quant.rel_error"
+COSINE = "quant.cosine"
+BITS_PER_PARAM = "quant.bits_per_param"
+LAYERS_TABLE = "quant.layers"  # a table: one row a quantized layer
+# the estimator's prediction, by component and in total
+EST_WEIGHTS = "estimate.weights_gib"
+EST_LORA = "estimate.lora_gib"
+EST_GRADIENTS = "estimate.gradients_gib"
+EST_OPTIMIZER = "estimate.optimizer_gib"
+EST_ACTIVATIONS = "estimate.activations_gib"
+EST_WORKSPACE = "estimate.workspace_gib"
+EST_CONTEXT = "estimate.context_gib"
+EST_TOTAL = "estimate.total_gib"
+EST_ALLOCATOR = "estimate.allocator_gib"
+EST_AT_PROFILED_STEP = "estimate.at_profiled_step_gib"
+
+
+def eval_metric(task: str, metric: str, variant: str = "adapter") -> str:
+    """``eval.<task>.<metric>`` of the adapter, or of another variant: ``base`` -> ``eval.<task>.base_<metric>``."""
+    return f"eval.{task}.{metric}" if variant == "adapter" else f"eval.{task}.{variant}_{metric}"
+
+
+def merge_metric(strategy: str, metric: str = "") -> str:
+    """``eval.merge.<strategy>.<metric>``: a merged form's fidelity, size and timings (prefix when no metric)."""
+    return f"eval.merge.{strategy}.{metric}"
+
+
+def gen_metric(form: str, batch: int, metric: str) -> str:
+    """``gen.<form>.bs<batch>.<metric>``: greedy generation of the unmerged adapter (``none``) or a merged form."""
+    return f"gen.{form}.bs{batch}.{metric}"
+
+
+# the shipped eval's metrics that headline and README tables quote
+MC_ACC = eval_metric("support_mc", "acc")  # multiple choice in wordings no training row uses
+HELDOUT_BPB = eval_metric("support_ppl", "bits_per_byte")  # held-out text: the primary quality metric
+RECALL_ACC = eval_metric("support_recall", "acc")  # the trained wording
+
+
 # -- names the stages emit ----------------------------------------------------------------------------------
 # fnmatch patterns of every metric a stage writes, so that an expectation on a name no stage emits is refused
 # when its suite is collected (instead of failing "not measured" after the run). A stage that adds a metric

@@ -357,6 +357,47 @@ def paired_difference(a: Group, ref: Group, name: str, *, n_boot: int = BOOTSTRA
     return Difference(name, a.group_id, ref.group_id, est, lo, hi, (len(va), len(vb)), 0, paired, how)
 
 
+def reference_gain(ref: Group, name: str, *, n_boot: int = BOOTSTRAP, seed: int = 0) -> Difference | None:
+    """What the reference's adapter gained over its own untrained base in ``name`` (adapter minus base),
+    bootstrapped over seeds and items like a difference; None without both per-item tables.
+
+    A metric the reference did not improve on cannot show what another method costs: an eval at chance
+    gives "no detectable difference" and passes any non-inferiority margin whatever the methods learned.
+    """
+    im = item_metric(name)
+    if im is None or im.variant != "adapter":
+        return None
+    base = ItemMetric("base", im.task, im.metric)
+    sets = []
+    for r in ref.records:
+        for m in (im, base):
+            arr = m.arrays(r.tables.get(m.table) or [])
+            if arr is None:
+                return None
+            sets.append(set(arr))
+    docs = sorted(set.intersection(*sets)) if sets else []
+    sa, sb = (_stack(ref, im, docs), _stack(ref, base, docs)) if docs else (None, None)
+    if sa is None or sb is None:
+        return None
+    est, lo, hi = bootstrap_difference(*sa, *sb, finish=im.finish, paired_seeds=True, n_boot=n_boot, seed=seed)
+    n = len(ref.records)
+    return Difference(name, ref.group_id, f"{ref.group_id} base", est, lo, hi, (n, n), len(docs), True,
+                      "bootstrap seeds x items")
+
+
+def informative(gain: Difference | None) -> bool | None:
+    """Did the reference improve on its base (interval clear of zero, in the metric's good direction)? None: unknown."""
+    if gain is None or not (math.isfinite(gain.lo) and math.isfinite(gain.hi)):
+        return None
+    direction = metrics.direction(gain.metric)
+    return bool(gain.lo > 0) if direction == "higher" else bool(gain.hi < 0) if direction == "lower" else None
+
+
+def gain_text(gain: Difference) -> str:
+    k = digits_for((gain.hi - gain.lo) / 2)
+    return f"{gain.estimate:+.{k}f} [{gain.lo:+.{k}f}, {gain.hi:+.{k}f}]"
+
+
 @dataclass
 class Ratio:
     """``method / reference`` of one speed or memory metric, with a log-t (Welch) interval over seeds."""
@@ -417,6 +458,11 @@ def check_noninferiority(records: Iterable[Any], method: str, against: str, comp
             continue
         d = paired_difference(g, ref, compare, seed=seed)
         outcome, message = noninferiority(d, margin, direction)
+        gain = reference_gain(ref, compare, seed=seed)
+        if informative(gain) is False:
+            outcome = "inconclusive"
+            message += (f"; but {against} did not improve on its untrained base here ({gain_text(gain)}), so no "
+                        f"difference to it can show what {method} costs")
         out.append({"outcome": outcome, "message": message, "margin": margin, "direction": direction,
                     **_clean(asdict(d))})
     return out
@@ -434,8 +480,21 @@ def digits_for(*values: float) -> int:
     return max(2, min(6, 1 - math.floor(math.log10(min(finite)))))
 
 
-def verdict(d: Difference) -> str:
-    """One sentence from the interval: ``no detectable difference within ±0.03``, ``worse by 0.05 [0.02, 0.08]``."""
+def verdict(d: Difference, gain: Difference | None = None) -> str:
+    """One sentence from the interval: ``no detectable difference within ±0.03``, ``worse by 0.05 [0.02, 0.08]``.
+
+    With ``gain`` (the reference's own gain over its base, ``reference_gain``) showing no improvement, the
+    sentence says the metric is uninformative first: "no difference" on an eval nobody learned means nothing.
+    """
+    plain = _verdict(d)
+    if informative(gain) is False:
+        ref = d.reference.partition("[")[2].rstrip("]") or d.reference
+        head = f"uninformative: {ref} did not improve on its untrained base ({gain_text(gain)})"
+        return head if plain.startswith("no detectable") else f"{head}; {plain}"
+    return plain
+
+
+def _verdict(d: Difference) -> str:
     direction = metrics.direction(d.metric)
     if not (math.isfinite(d.lo) and math.isfinite(d.hi)):
         return f"difference {d.estimate:+.3g}, no interval (needs replicates or per-item results)"
@@ -556,17 +615,27 @@ def run_stats(records: Iterable[Any], references: Mapping[str, str] | None = Non
         by_suite.setdefault(g.suite, []).append(g)
     for suite, gs in by_suite.items():
         ref_method = (references or {}).get(suite, REFERENCE)
-        suite_out: dict[str, Any] = {"reference": ref_method, "groups": {}, "differences": [], "ratios": []}
+        suite_out: dict[str, Any] = {"reference": ref_method, "groups": {}, "differences": [], "ratios": [],
+                                     "reference_gains": []}
         for g in gs:
             summ = summarise(g)
             suite_out["groups"][g.group_id] = {
                 "method": g.method, "seeds": g.seeds, "case_ids": [r.case_id for r in g.records],
                 "metrics": {n: _clean(asdict(s)) for n, s in summ.items()},
             }
+        gains: dict[tuple[str, str], Difference | None] = {}
         for g, ref in reference_pairs(gs, ref_method):
             for name in quality_metrics(g):
                 d = paired_difference(g, ref, name, seed=seed)
-                suite_out["differences"].append({**_clean(asdict(d)), "method": g.method, "verdict": verdict(d)})
+                key = (ref.group_id, name)
+                if key not in gains:
+                    gains[key] = reference_gain(ref, name, seed=seed)
+                    if gains[key] is not None:
+                        suite_out["reference_gains"].append(
+                            {**_clean(asdict(gains[key])), "informative": informative(gains[key])})
+                suite_out["differences"].append({**_clean(asdict(d)), "method": g.method,
+                                                 "informative": informative(gains[key]),
+                                                 "verdict": verdict(d, gains[key])})
             for name in dict.fromkeys(k for r in g.records for k in r.metrics):
                 if _is_speed_memory(name):
                     rt = ratio(g, ref, name)

@@ -141,6 +141,47 @@ def test_noninferiority_lower_is_better_and_no_interval():
     assert stats.noninferiority(none, 0.05, "higher")[0] == "inconclusive"
 
 
+def _with_base(recs, base_acc, rng, n_items=400):
+    """Give each record the per-item rows of its untrained base (the same items, accuracy ``base_acc``)."""
+    for r in recs:
+        r.tables["eval.items.base"] = [{"task": "support_mc", "doc_id": i, "acc": float(v)}
+                                       for i, v in enumerate(rng.random(n_items) < base_acc)]
+    return recs
+
+
+@pytest.mark.parametrize("base_acc, informative", [(0.70, False), (0.25, True)])
+def test_a_metric_the_reference_never_learned_is_uninformative(base_acc, informative):
+    """Two methods at the same accuracy as the untrained base: "no difference" there says nothing about cost.
+
+    Known truth: the reference's adapter scores 0.70 and its base either 0.70 (nothing learned: the eval
+    cannot tell methods apart) or 0.25 (a 0.45 gain). The non-inferiority check that passes on equal methods
+    (test above) must then be inconclusive, and the verdict must say why.
+    """
+    rng = np.random.default_rng(11)
+    g, ref = _groups(rng, 0.70, 0.70)
+    _with_base(g.records + ref.records, base_acc, rng)
+    gain = stats.reference_gain(ref, "eval.support_mc.acc")
+    assert gain is not None and gain.n_items == 400
+    assert abs(gain.estimate - (0.70 - base_acc)) < 0.05
+    assert stats.informative(gain) is informative
+    [result] = stats.check_noninferiority(g.records + ref.records, "qlora-nf4", "lora-bf16",
+                                          "eval.support_mc.acc", margin=0.08)
+    assert result["outcome"] == ("pass" if informative else "inconclusive"), result["message"]
+    [d] = [d for d in stats.run_stats(g.records + ref.records)["suites"]["q"]["differences"]
+           if d["metric"] == "eval.support_mc.acc"]
+    assert d["informative"] is informative
+    assert d["verdict"].startswith("uninformative: lora-bf16 did not improve") is (not informative), d["verdict"]
+
+
+def test_without_base_rows_the_gain_is_unknown_and_verdicts_are_unchanged():
+    g, ref = _groups(np.random.default_rng(11), 0.70, 0.70)
+    assert stats.reference_gain(ref, "eval.support_mc.acc") is None
+    assert stats.informative(None) is None
+    [result] = stats.check_noninferiority(g.records + ref.records, "qlora-nf4", "lora-bf16",
+                                          "eval.support_mc.acc", margin=0.08)
+    assert result["outcome"] == "pass"
+
+
 def test_verdicts_are_generated_from_the_interval():
     mk = lambda est, lo, hi, m="eval.t.acc": stats.Difference(m, "g", "r", est, lo, hi, (3, 3), 60, True, "x")  # noqa: E731
     assert stats.verdict(mk(0.004, -0.021, 0.030)) == "no detectable difference within ±0.030"
