@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="print the README's headline table from a run's records (or --update the README)")
     h.add_argument("run", metavar="RUN", help="run id, run folder or 'latest'")
     h.add_argument("--suite", default="smoke", help="the suite whose methods form the rows (default: smoke)")
-    h.add_argument("--update", type=Path, metavar="README", help="replace the table between the README's markers")
+    h.add_argument("--update", type=Path, metavar="README",
+                   help="replace the tables between the README's markers (headline; merge costs when the run has them)")
+    h.add_argument("--merge-suite", default="merge", help="the suite of the merge-costs table (default: merge)")
 
     ls = sub.add_parser("list", help="list the suites and their case ids")
     ls.add_argument("--suites", type=Path, default=Path("suites"), help="suites folder (default: suites)")
@@ -178,6 +180,8 @@ def cmd_headline(args: argparse.Namespace) -> int:
     run_dir = resolve_run(args.run, args.results)
     if args.update:
         headline.update(args.update, run_dir, args.suite)
+        if headline.MERGE_START in args.update.read_text() and headline.has_suite(run_dir, args.merge_suite):
+            headline.update_merge(args.update, run_dir, args.merge_suite)
     else:
         print(headline.table(run_dir, args.suite))
     return 0

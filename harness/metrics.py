@@ -121,6 +121,12 @@ def eval_metric(task: str, metric: str, variant: str = "adapter") -> str:
     return f"eval.{task}.{metric}" if variant == "adapter" else f"eval.{task}.{variant}_{metric}"
 
 
+def merged_variant(strategy: str) -> str:
+    """The score variant of a merge strategy: ``adapter`` (unmerged), ``merged`` (PEFT's own merge, the name it
+    always had), else ``merged_<strategy>``: ``eval_metric(task, metric, merged_variant(s))``."""
+    return {"none": "adapter", "requantize": "merged"}.get(strategy, f"merged_{strategy}")
+
+
 def merge_metric(strategy: str, metric: str = "") -> str:
     """``eval.merge.<strategy>.<metric>``: a merged form's fidelity, size and timings (prefix when no metric)."""
     return f"eval.merge.{strategy}.{metric}"
@@ -133,6 +139,7 @@ def gen_metric(form: str, batch: int, metric: str) -> str:
 
 # the shipped eval's metrics that headline and README tables quote
 MC_ACC = eval_metric("support_mc", "acc")  # multiple choice in wordings no training row uses
+MC_BASE_ACC = eval_metric("support_mc", "acc", "base")  # the same, of the untrained base
 HELDOUT_BPB = eval_metric("support_ppl", "bits_per_byte")  # held-out text: the primary quality metric
 RECALL_ACC = eval_metric("support_recall", "acc")  # the trained wording
 

@@ -197,3 +197,34 @@ def test_cli_report(tmp_path: Path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nope" in err
     assert main(["report", "--results", str(tmp_path / "empty")]) == 2
+
+
+_NAME = re.compile(r"(train|eval|quant|gen|estimate)\.[a-z0-9_]+(\.[a-z0-9_]+)*")
+
+
+def _string_literals(path: Path) -> list[tuple[int, str]]:
+    """Every string constant of a module, f-strings' literal parts included, with its line."""
+    import ast
+
+    return [(node.lineno, node.value) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+
+
+def test_the_report_names_metrics_only_through_the_registry():
+    """A renamed metric is renamed in harness/metrics.py alone: the report spells no metric name itself."""
+    report = Path(__file__).resolve().parent.parent / "harness" / "report"
+    found = [f"{p.name}:{line}: {text!r}" for p in sorted(report.glob("*.py"))
+             for line, text in _string_literals(p) if _NAME.fullmatch(text)]
+    assert not found, "metric names spelled in the report (use harness.metrics):\n" + "\n".join(found)
+
+
+def test_every_named_metric_is_one_a_stage_emits():
+    from harness import metrics
+
+    names = {k: v for k, v in vars(metrics).items()
+             if k.isupper() and isinstance(v, str) and _NAME.fullmatch(v) and not k.endswith(("_TABLE", "_SERIES"))}
+    assert len(names) > 30
+    for key, name in names.items():
+        why = metrics.unknown_metric(name, ("quant", "train", "eval", "generate"),
+                                     ("support_mc", "support_ppl", "support_recall"))
+        assert why is None, f"metrics.{key}: {why}"

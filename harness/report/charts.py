@@ -12,25 +12,26 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from harness import methods, metrics, stats
+from harness import metrics as M
 from harness.records import Record
 from harness.report.data import case_label
 
 ESTIMATE_PARTS = (  # predicted peak memory, stacked bottom to top
-    ("estimate.weights_gib", "weights", "#9ecae1"),
-    ("estimate.lora_gib", "LoRA adapter", "#6baed6"),
-    ("estimate.gradients_gib", "gradients", "#4292c6"),
-    ("estimate.optimizer_gib", "optimizer state", "#2171b5"),
-    ("estimate.activations_gib", "activations", "#08519c"),
-    ("estimate.workspace_gib", "workspace (transients)", "#0b3d7a"),
-    ("estimate.context_gib", "CUDA context", "#08306b"),
+    (M.EST_WEIGHTS, "weights", "#9ecae1"),
+    (M.EST_LORA, "LoRA adapter", "#6baed6"),
+    (M.EST_GRADIENTS, "gradients", "#4292c6"),
+    (M.EST_OPTIMIZER, "optimizer state", "#2171b5"),
+    (M.EST_ACTIVATIONS, "activations", "#08519c"),
+    (M.EST_WORKSPACE, "workspace (transients)", "#0b3d7a"),
+    (M.EST_CONTEXT, "CUDA context", "#08306b"),
 )
 MEASURED_PEAKS = (
-    ("train.peak_allocated_gib", "measured: allocated", "#fdae6b"),
-    ("train.peak_reserved_gib", "measured: reserved", "#e6550d"),
-    ("train.nvml_peak_gib", "measured: NVML", "#a63603"),
-    ("train.peak_rss_gib", "measured: process RSS", "#756bb1"),
+    (M.PEAK_ALLOCATED, "measured: allocated", "#fdae6b"),
+    (M.PEAK_RESERVED, "measured: reserved", "#e6550d"),
+    (M.NVML_PEAK, "measured: NVML", "#a63603"),
+    (M.PEAK_RSS, "measured: process RSS", "#756bb1"),
 )
-PARETO_X = ("train.peak_reserved_gib", "train.nvml_peak_gib", "train.peak_allocated_gib", "train.peak_rss_gib")
+PARETO_X = (M.PEAK_RESERVED, M.NVML_PEAK, M.PEAK_ALLOCATED, M.PEAK_RSS)
 OTHER_COLOURS = ("#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash")
 HEIGHT = 360  # px of every figure; the chart's title is HTML above it
@@ -189,7 +190,7 @@ def memory_chart(records: list[Record]) -> Chart | None:
 
 def throughput_chart(records: list[Record]) -> Chart | None:
     """Training throughput (real tokens/s) and model FLOPs utilisation, per case."""
-    shown = [(n, t) for n, t in (("train.tokens_per_s", "tokens/s"), ("train.mfu", "MFU")) if _with(records, n)]
+    shown = [(n, t) for n, t in ((M.TOKENS_PER_S, "tokens/s"), (M.MFU, "MFU")) if _with(records, n)]
     if not shown:
         return None
     fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[t for _, t in shown], horizontal_spacing=0.12)
@@ -201,7 +202,7 @@ def throughput_chart(records: list[Record]) -> Chart | None:
             marker_color=[colour(p.method) for p in pts], row=1, col=col, customdata=_hover_n(pts),
             hovertemplate="%{x}<br>" + label + ": %{y:.4g}%{customdata}<extra></extra>",
         )
-    if shown[-1][0] == "train.mfu":
+    if shown[-1][0] == M.MFU:
         fig.update_yaxes(tickformat=".1%", row=1, col=len(shown))
     many = max(len(_with(records, n)) for n, _ in shown) > 8
     return Chart("throughput", "Training throughput (real tokens/s) and model FLOPs utilisation", fig, wide=many)
@@ -209,16 +210,16 @@ def throughput_chart(records: list[Record]) -> Chart | None:
 
 def rmse_chart(records: list[Record]) -> Chart | None:
     """Quantization RMSE per case, against the int4 absmax reference when measured."""
-    recs = _with(records, "quant.rmse", "quant.int4_ref.rmse")
+    recs = _with(records, M.RMSE, M.INT4_RMSE)
     if not recs:
         return None
     fig = _fig(barmode="group", yaxis_title="RMSE")
-    pts = points(recs, "quant.rmse")
+    pts = points(recs, M.RMSE)
     fig.add_bar(
         x=[p.label for p in pts], y=[p.y for p in pts], name="RMSE", marker_color=[colour(p.method) for p in pts],
         error_y=_error_y(pts), customdata=_hover_n(pts), hovertemplate="%{x}<br>RMSE %{y:.4f}%{customdata}<extra></extra>",
     )
-    ref = points(recs, "quant.int4_ref.rmse")
+    ref = points(recs, M.INT4_RMSE)
     if ref:
         fig.add_bar(
             x=[p.label for p in ref], y=[p.y for p in ref], name="int4 absmax reference", error_y=_error_y(ref),
@@ -228,14 +229,14 @@ def rmse_chart(records: list[Record]) -> Chart | None:
 
 
 def layer_rmse_chart(records: list[Record]) -> Chart | None:
-    """RMSE of every quantized layer (``tables["quant.layers"]``), one line per case."""
-    recs = [r for r in records if r.tables.get("quant.layers")]
+    """RMSE of every quantized layer (``tables[M.LAYERS_TABLE]``), one line per case."""
+    recs = [r for r in records if r.tables.get(M.LAYERS_TABLE)]
     if not recs:
         return None
     fig = _fig(yaxis_title="RMSE", hovermode="x unified")
     seen: dict[str, int] = {}
     for r in recs:
-        rows = [row for row in r.tables["quant.layers"] if row.get("rmse") is not None]
+        rows = [row for row in r.tables[M.LAYERS_TABLE] if row.get("rmse") is not None]
         n = seen[r.method] = seen.get(r.method, -1) + 1
         fig.add_scatter(
             x=[short_layer(str(row.get("name") or row.get("layer"))) for row in rows], y=[row["rmse"] for row in rows],
@@ -244,18 +245,18 @@ def layer_rmse_chart(records: list[Record]) -> Chart | None:
             customdata=[str(row.get("name") or row.get("layer")) for row in rows],
             hovertemplate="%{y:.4f} (%{customdata})",
         )
-    fig.update_xaxes(showticklabels=max(len(r.tables["quant.layers"]) for r in recs) <= 40, tickangle=-45)
+    fig.update_xaxes(showticklabels=max(len(r.tables[M.LAYERS_TABLE]) for r in recs) <= 40, tickangle=-45)
     _many_lines(fig)
     return Chart("rmse_layers", "Quantization error per layer (RMSE)", fig, wide=True)
 
 
 def bits_chart(records: list[Record]) -> Chart | None:
     """Storage cost in bits per parameter, with the QLoRA paper's reference points."""
-    recs = _with(records, "quant.bits_per_param")
+    recs = _with(records, M.BITS_PER_PARAM)
     if not recs:
         return None
     fig = _fig(yaxis_title="bits / parameter")
-    y = [_value(r, "quant.bits_per_param") for r in recs]
+    y = [_value(r, M.BITS_PER_PARAM) for r in recs]
     fig.add_bar(
         x=[case_label(r.case_id) for r in recs], y=y, marker_color=[colour(r.method) for r in recs], showlegend=False,
         text=[f"{v:.3f}" for v in y] if len(y) <= 10 else None, textposition="outside", hovertemplate="%{x}<br>%{y:.4f} bits<extra></extra>",
@@ -269,14 +270,14 @@ def bits_chart(records: list[Record]) -> Chart | None:
 
 
 def loss_chart(records: list[Record]) -> Chart | None:
-    """Training loss curves (``series["train.loss"]``), one line per case."""
-    recs = [r for r in records if r.series.get("train.loss")]
+    """Training loss curves (``series[M.LOSS_SERIES]``), one line per case."""
+    recs = [r for r in records if r.series.get(M.LOSS_SERIES)]
     if not recs:
         return None
     fig = _fig(xaxis_title="step", yaxis_title="loss", hovermode="x unified")
     seen: dict[str, int] = {}
     for r in recs:
-        points = r.series["train.loss"]
+        points = r.series[M.LOSS_SERIES]
         n = seen[r.method] = seen.get(r.method, -1) + 1
         fig.add_scatter(
             x=[p[0] for p in points], y=[p[1] for p in points], mode="lines", name=case_label(r.case_id), meta=r.method,
@@ -298,7 +299,7 @@ def pareto_chart(records: list[Record]) -> Chart | None:
                          "legend": SIDE_LEGEND})
     shown: set[str] = set()
     for col, task in enumerate(tasks, start=1):
-        name = f"eval.{task}.acc"
+        name = M.eval_metric(task, "acc")
         xs = {p.label: p for p in points(records, xname)}
         ys = {p.label: p for p in points(records, name)}
         pts = sorted((xs[k].y, ys[k].y, ys[k].method, k, xs[k], ys[k]) for k in ys if k in xs)
@@ -379,7 +380,7 @@ def inference_chart(records: list[Record]) -> Chart | None:
             x, y, colours = [], [], []
             for r in records:
                 for form in STRATEGIES:
-                    v = _value(r, f"gen.{form}.bs{b}.{metric}")
+                    v = _value(r, M.gen_metric(form, b, metric))
                     if v is not None:
                         x.append(f"{case_label(r.case_id)} · {form}")
                         y.append(v)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from harness import metrics as M
 from harness import stats
 from harness.methods import METHODS
 from harness.records import Record, iter_records
@@ -19,36 +20,36 @@ def _order(method: str) -> int:
 # allocator estimate beside torch's allocator peak, the total beside NVML process memory, and on the CPU the
 # estimate at the profiled step beside that step's tensor-level peak. Process RSS has no prediction.
 COLUMNS = [
-    ("peak allocated GiB", "train.peak_allocated_gib", "{:.2f}"),
-    ("predicted allocator GiB", "estimate.allocator_gib", "{:.2f}"),
-    ("peak NVML GiB", "train.nvml_peak_gib", "{:.2f}"),
-    ("predicted total GiB", "estimate.total_gib", "{:.2f}"),
-    ("tensor peak GiB", "train.tensor_peak_gib", "{:.3f}"),
-    ("predicted GiB at that step", "estimate.at_profiled_step_gib", "{:.3f}"),
-    ("peak RSS GiB", "train.peak_rss_gib", "{:.3f}"),
-    ("tokens/s (median step)", "train.tokens_per_s", "{:,.0f}"),
-    ("MFU", "train.mfu", "{:.1%}"),
-    ("weights MB", "train.weight_bytes", "{:.2f}"),
-    ("RMSE", "quant.rmse", "{:.2e}"),
-    ("int4 / method RMSE", "quant.int4_over_method_rmse_ratio", "{:.2f}"),
-    ("bits/param", "quant.bits_per_param", "{:.3f}"),
-    ("held-out bits/byte", "eval.support_ppl.bits_per_byte", "{:.3f}"),
-    ("recall acc", "eval.support_recall.acc", "{:.3f}"),
+    ("peak allocated GiB", M.PEAK_ALLOCATED, "{:.2f}"),
+    ("predicted allocator GiB", M.EST_ALLOCATOR, "{:.2f}"),
+    ("peak NVML GiB", M.NVML_PEAK, "{:.2f}"),
+    ("predicted total GiB", M.EST_TOTAL, "{:.2f}"),
+    ("tensor peak GiB", M.TENSOR_PEAK, "{:.3f}"),
+    ("predicted GiB at that step", M.EST_AT_PROFILED_STEP, "{:.3f}"),
+    ("peak RSS GiB", M.PEAK_RSS, "{:.3f}"),
+    ("tokens/s (median step)", M.TOKENS_PER_S, "{:,.0f}"),
+    ("MFU", M.MFU, "{:.1%}"),
+    ("weights MB", M.WEIGHT_BYTES, "{:.2f}"),
+    ("RMSE", M.RMSE, "{:.2e}"),
+    ("int4 / method RMSE", M.INT4_OVER_METHOD, "{:.2f}"),
+    ("bits/param", M.BITS_PER_PARAM, "{:.3f}"),
+    ("held-out bits/byte", M.HELDOUT_BPB, "{:.3f}"),
+    ("recall acc", M.RECALL_ACC, "{:.3f}"),
     ("support_mc acc (base → adapter)", None, ""),
-    ("gap to lora-bf16", "eval.support_mc.acc_gap", "{:+.3f}"),
-    ("merged acc", "eval.support_mc.merged_acc", "{:.3f}"),
+    ("gap to lora-bf16", M.eval_metric("support_mc", "acc_gap"), "{:+.3f}"),
+    ("merged acc", M.eval_metric("support_mc", "acc", "merged"), "{:.3f}"),
 ]
-PAIRED = {"estimate.allocator_gib": "train.peak_allocated_gib", "estimate.total_gib": "train.nvml_peak_gib",
-          "estimate.at_profiled_step_gib": "train.tensor_peak_gib"}
+PAIRED = {M.EST_ALLOCATOR: M.PEAK_ALLOCATED, M.EST_TOTAL: M.NVML_PEAK,
+          M.EST_AT_PROFILED_STEP: M.TENSOR_PEAK}
 
 
 def _cell(r: Record, metric: str | None, fmt: str) -> str:
     m = r.metrics
     if metric is None:
-        if "eval.support_mc.acc" not in m:
+        if M.MC_ACC not in m:
             return ""
-        err = m.get("eval.support_mc.acc_stderr")
-        return (f"{m['eval.support_mc.base_acc']:.3f} → {m['eval.support_mc.acc']:.3f}"
+        err = m.get(M.eval_metric("support_mc", "acc_stderr"))
+        return (f"{m[M.MC_BASE_ACC]:.3f} → {m[M.MC_ACC]:.3f}"
                 + (f" ± {err:.3f}" if err is not None else ""))
     if metric not in m:
         return ""
@@ -60,7 +61,7 @@ def _group_cell(g: stats.Group, summary: dict[str, stats.Summary], metric: str |
     """A replicate group's cell: ``mean ± half-width of the 95% interval over seeds`` (n > 1), else as one record."""
     if len(g.records) == 1:
         return _cell(g.records[0], metric, fmt)
-    name = "eval.support_mc.acc" if metric is None else metric
+    name = M.MC_ACC if metric is None else metric
     if name not in summary or (metric is not None and metric.endswith("_gap")):
         return ""
     s = summary[name]
@@ -69,14 +70,14 @@ def _group_cell(g: stats.Group, summary: dict[str, stats.Summary], metric: str |
     text = fmt.format(s.mean / scale)
     if s.n > 1 and s.half_width == s.half_width and s.half_width > 0:
         text += " ± " + fmt.format(s.half_width / scale).lstrip("+")
-    if metric is None and "eval.support_mc.base_acc" in summary:
-        text = f"{summary['eval.support_mc.base_acc'].mean:.3f} → {text}"
+    if metric is None and M.MC_BASE_ACC in summary:
+        text = f"{summary[M.MC_BASE_ACC].mean:.3f} → {text}"
     return text
 
 
 # Quality differences to the reference shown as their own columns (metric, header).
-DIFFERENCES = (("eval.support_mc.acc", "Δ support_mc acc [95% CI]"),
-               ("eval.support_ppl.bits_per_byte", "Δ held-out bits/byte [95% CI]"))
+DIFFERENCES = ((M.MC_ACC, "Δ support_mc acc [95% CI]"),
+               (M.HELDOUT_BPB, "Δ held-out bits/byte [95% CI]"))
 
 
 def _diff_text(d: dict | None) -> str:
@@ -101,7 +102,7 @@ def table(run_dir: Path, suite: str = "smoke") -> str:
     shown_diffs = [(m, h) for m, h in DIFFERENCES
                    if any(_diff_text(diffs.get((g.group_id, m))) for g in groups)]
     summaries = {g.group_id: stats.summarise(g) for g in groups}
-    columns = [c for c in COLUMNS if not (shown_diffs and c[1] == "eval.support_mc.acc_gap")]
+    columns = [c for c in COLUMNS if not (shown_diffs and c[1] == M.eval_metric("support_mc", "acc_gap"))]
     cols = [c for c in columns if any(_group_cell(g, summaries[g.group_id], c[1], c[2]) for g in groups)]
     shown = {c[1] for c in cols}
     cols = [c for c in cols if c[1] not in PAIRED or PAIRED[c[1]] in shown]  # like with like, or not at all
@@ -173,48 +174,59 @@ def update(readme: Path, run_dir: Path, suite: str = "smoke") -> None:
 MERGE_START, MERGE_END = "<!-- merge:start -->", "<!-- merge:end -->"
 
 
-def _merge_cell(m: dict[str, float], strategy: str, task: str) -> str:
-    """``KL 4.6e-04 · top-1 1.000 · acc −0.017 · 2.1 MB · decode 1.31×`` for one strategy, from stored metrics."""
+def _merge_cell(m: dict[str, float], strategy: str, quality: str) -> str:
+    """``KL 4.6e-04 · top-1 1.000 · bits/byte +0.004 · 2.1 MB · decode 1.31×`` for one strategy, from stored
+    metrics; ``quality`` is ``<task>.<metric>`` of the eval, its change against the unmerged adapter."""
     parts = []
-    if (kl := m.get(f"eval.merge.{strategy}.kl_mean")) is not None:
+    if (kl := m.get(M.merge_metric(strategy, "kl_mean"))) is not None:
         parts.append(f"KL {kl:.1e}")
-    if (top1 := m.get(f"eval.merge.{strategy}.top1_agreement")) is not None:
+    if (top1 := m.get(M.merge_metric(strategy, "top1_agreement"))) is not None:
         parts.append(f"top-1 {top1:.3f}")
-    prefix = "merged" if strategy == "requantize" else f"merged_{strategy}"
-    acc, merged_acc = m.get(f"eval.{task}.acc"), m.get(f"eval.{task}.{prefix}_acc")
-    if acc is not None and merged_acc is not None:
-        parts.append(f"acc {merged_acc - acc:+.3f}")
-    if (size := m.get(f"eval.merge.{strategy}.size_bytes")) is not None:
+    task, metric = quality.split(".", 1)
+    before, after = m.get(M.eval_metric(task, metric)), m.get(M.eval_metric(task, metric, M.merged_variant(strategy)))
+    if before is not None and after is not None:
+        parts.append(f"{metric.replace('_per_', '/')} {after - before:+.3f}")
+    if (size := m.get(M.merge_metric(strategy, "size_bytes"))) is not None:
         parts.append(f"{size / 1e6:.1f} MB")
-    base, got = m.get("gen.none.bs1.decode_tokens_per_s"), m.get(f"gen.{strategy}.bs1.decode_tokens_per_s")
+    base = m.get(M.gen_metric("none", 1, "decode_tokens_per_s"))
+    got = m.get(M.gen_metric(strategy, 1, "decode_tokens_per_s"))
     if base and got:
         parts.append(f"decode {got / base:.2f}×")
     return " · ".join(parts)
 
 
-def merge_costs(run_dir: Path, suite: str = "merge", task: str = "support_mc") -> str:
-    """Markdown: what merging costs, a row per quantized method of a run's merge suite, every number stored.
+MERGE_QUALITY = "support_ppl.bits_per_byte"  # held-out text: the eval every adapter measurably learns
+
+
+def merge_costs(run_dir: Path, suite: str = "merge", quality: str = MERGE_QUALITY) -> str:
+    """Markdown: what merging costs, a row per method of a run's merge suite, every number stored.
 
     Per strategy: KL of the merged next-token distribution from the unmerged adapter's, top-1 agreement, the
-    change of ``task`` accuracy, size on disk, batch-1 decode speed relative to the unmerged adapter.
+    change of ``quality`` (``<task>.<metric>``) against the unmerged adapter, size on disk, batch-1 decode
+    speed relative to the unmerged adapter.
     """
     from harness.methods.merge import MERGED
 
     records = sorted((r for r in iter_records(run_dir) if r.suite == suite and r.status in ("passed", "failed")),
                      key=lambda r: _order(r.method))
-    records = [r for r in records if any(k.startswith("eval.merge.dequantize.") for k in r.metrics)]
+    records = [r for r in records if any(k.startswith(M.merge_metric(s)) for s in MERGED for k in r.metrics)]
     lines = ["| method | unmerged: size, decode tokens/s (batch 1) | " + " | ".join(MERGED) + " |",
              "|---" * (len(MERGED) + 2) + "|"]
     for r in records:
         m = r.metrics
-        size, tps = m.get("eval.merge.none.size_bytes"), m.get("gen.none.bs1.decode_tokens_per_s")
+        size, tps = m.get(M.merge_metric("none", "size_bytes")), m.get(M.gen_metric("none", 1, "decode_tokens_per_s"))
         unmerged = " · ".join(p for p in (f"{size / 1e6:.1f} MB" if size else "",
                                           f"{tps:,.0f} tokens/s" if tps else "") if p)
-        lines.append(f"| {r.method} | {unmerged} | " + " | ".join(_merge_cell(m, s, task) for s in MERGED) + " |")
+        lines.append(f"| {r.method} | {unmerged} | " + " | ".join(_merge_cell(m, s, quality) for s in MERGED) + " |")
     run_id = records[0].run_id if records else ""
-    lines += ["", f"Run `{run_id}`, suite `{suite}`: KL in nats per token on held-out text; acc change on `{task}` "
-                  "against the unmerged adapter; decode speed relative to the unmerged adapter."]
+    lines += ["", f"Run `{run_id}`, suite `{suite}`, one seed: KL in nats per token of held-out text from the "
+                  f"unmerged adapter; `{quality}` change against the unmerged adapter (lower bits/byte is better); "
+                  "decode speed relative to the unmerged adapter; an empty cell: the strategy does not apply."]
     return "\n".join(lines)
+
+
+def has_suite(run_dir: Path, suite: str) -> bool:
+    return any(r.suite == suite for r in iter_records(run_dir))
 
 
 def update_merge(readme: Path, run_dir: Path, suite: str = "merge") -> None:

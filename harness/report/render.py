@@ -12,6 +12,7 @@ from typing import Any
 
 import jinja2
 
+from harness import metrics as M
 from harness.compare import load_baseline
 from harness.records import SAFE_NAME, RecordError, list_runs, one_line
 from harness.report import charts as ch
@@ -28,8 +29,8 @@ from harness.report.data import (
 
 TEMPLATES = Path(__file__).parent / "templates"
 MANY_METRICS = (  # metrics charted across runs by render_many, when present
-    "train.peak_reserved_gib", "train.nvml_peak_gib", "train.peak_rss_gib", "train.tokens_per_s", "train.mfu",
-    "quant.rmse", "quant.bits_per_param",
+    M.PEAK_RESERVED, M.NVML_PEAK, M.PEAK_RSS, M.TOKENS_PER_S, M.MFU,
+    M.RMSE, M.BITS_PER_PARAM,
 )
 
 

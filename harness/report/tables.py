@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness import metrics
+from harness import metrics as M
 from harness.compare import compare, fmt, fmt_pct
 from harness.measure.noise import is_timing_metric
 from harness.records import Record, records_frame
@@ -22,11 +23,11 @@ IDENTITY = {"run_id", "suite", "case_id", "method", "status", "message", "gpu"}
 # The main table's columns, in this order (fnmatch patterns; eval columns are grouped by task). Every
 # other metric is in the page's "all metrics" table and the CSV.
 HEADLINE = (
-    "quant.rmse", "quant.int4_ref.rmse", "quant.rel_error", "quant.cosine", "quant.bits_per_param",
-    "estimate.total_gib",
-    "train.peak_allocated_gib", "train.peak_reserved_gib", "train.nvml_peak_gib", "train.peak_rss_gib",
-    "train.managed_gib", "train.tokens_per_s", "train.mfu", "train.step_median_ms",
-    "train.loss_last", "train.loss_final", "train.loss_drop",
+    M.RMSE, M.INT4_RMSE, M.REL_ERROR, M.COSINE, M.BITS_PER_PARAM,
+    M.EST_TOTAL,
+    M.PEAK_ALLOCATED, M.PEAK_RESERVED, M.NVML_PEAK, M.PEAK_RSS,
+    M.MANAGED, M.TOKENS_PER_S, M.MFU, M.STEP_MEDIAN_MS,
+    M.LOSS_LAST, M.LOSS_DROP,
     "eval.*.acc", "eval.*.acc_gain", "eval.*.acc_gap", "eval.*.acc_merge_delta", "eval.*.word_perplexity",
 )
 FALLBACK_PER_GROUP = 6  # one of GROUPS with values but no headline column shows up to this many of its own
@@ -34,16 +35,15 @@ FALLBACK_PER_GROUP = 6  # one of GROUPS with values but no headline column shows
 _DETAIL = re.compile(r"(^|\.)(layers?|blocks?|modules?|\d+)(\.|$)|^quant\.(q|k|v|o|gate|up|down)\.")
 # Metrics worth a column in the terminal summary, in order (fnmatch patterns).
 KEY_METRICS = (
-    "quant.rmse",
-    "quant.bits_per_param",
-    "train.peak_reserved_gib",
-    "train.nvml_peak_gib",
-    "train.peak_allocated_gib",
-    "train.peak_rss_gib",
-    "train.tokens_per_s",
-    "train.mfu",
-    "train.loss_final",
-    "train.loss_last",
+    M.RMSE,
+    M.BITS_PER_PARAM,
+    M.PEAK_RESERVED,
+    M.NVML_PEAK,
+    M.PEAK_ALLOCATED,
+    M.PEAK_RSS,
+    M.TOKENS_PER_S,
+    M.MFU,
+    M.LOSS_LAST,
     "eval.*.acc",
 )
 
@@ -224,7 +224,7 @@ def noisy_reason(rec: Record) -> str:
 
     if not timing_noisy(rec.metrics):
         return ""
-    rows = rec.tables.get("train.timing") or [{}]
+    rows = rec.tables.get(M.TIMING_TABLE) or [{}]
     return "timing flagged noisy: " + (rows[0].get("reason") or "no reason recorded")
 
 
@@ -419,7 +419,7 @@ def merge_table(records: list[Record]) -> MergeTable | None:
     rows = []
     for rec in records:
         for strategy in STRATEGIES:
-            key = f"eval.merge.{strategy}."
+            key = M.merge_metric(strategy)
             if not any(k.startswith(key) for k in rec.metrics):
                 continue
             cells = []
@@ -428,8 +428,7 @@ def merge_table(records: list[Record]) -> MergeTable | None:
                 cells.append("" if v is None else fmt(v / 1e6 if name == "size_bytes" else v, d))
             for s in scores:
                 task, metric = s.split(".")
-                prefix = {"none": "", "requantize": "merged_"}.get(strategy, f"merged_{strategy}_")
-                v = _finite(rec.metrics.get(f"eval.{task}.{prefix}{metric}"))
+                v = _finite(rec.metrics.get(M.eval_metric(task, metric, M.merged_variant(strategy))))
                 cells.append("" if v is None else fmt(v, 3))
             rows.append({"case": case_label(rec.case_id), "strategy": strategy, "label": LABELS[strategy],
                          "cells": cells})

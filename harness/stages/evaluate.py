@@ -176,7 +176,9 @@ def codes_changed(before: dict, after: dict) -> tuple[int, int]:
 
 def variant(strategy: str) -> str:
     """Score prefix of a merged form: ``merged`` for PEFT's own merge (the name it always had), else ``merged_<s>``."""
-    return "merged" if strategy == "requantize" else f"merged_{strategy}"
+    from harness.metrics import merged_variant
+
+    return merged_variant(strategy)
 
 
 def folder_bytes(folder: Path) -> int:
