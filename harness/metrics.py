@@ -95,6 +95,7 @@ LOSS_LAST = "train.loss_last"
 LOSS_DROP = "train.loss_drop"
 LOSS_SERIES = "train.loss"  # a series, not a metric
 TIMING_TABLE = "train.timing"  # a table: the noise guard's verdict
+GEN_TIMING_TABLE = "gen.timing"  # a table: the noise guard's verdict per generated form
 # quantization
 RMSE = "quant.rmse"
 INT4_RMSE = "quant.int4_ref.rmse"
@@ -181,7 +182,7 @@ EMITTED: dict[str, tuple[str, ...]] = {
     # generate: gen.<form>.{build_s, bs<b>.ttft_ms|prefill_tokens_per_s|decode_tokens_per_s|tpot_ms|total_ms,
     # peak memory, identical_outputs, token_agreement}, the form being none or a merge strategy
     "gen": ("gen.*.build_s", "gen.*.bs*_ms", "gen.*.bs*_tokens_per_s", "gen.*_gib", "gen.*.identical_outputs",
-            "gen.*.token_agreement", "gen.prompt_tokens", "gen.new_tokens"),
+            "gen.*.token_agreement", "gen.prompt_tokens", "gen.new_tokens", "gen.*.timing_clean", "gen.*.noise.*"),
     "env": ("env.*",),
 }
 

@@ -52,6 +52,46 @@ def _record(run_dir: Path, method: str, metrics: dict) -> None:
                                  started_at="2026-11-23T12:00:00+00:00", finished_at="2026-11-23T12:00:01+00:00"))
 
 
+def _spin(seconds: float, ready, go) -> None:
+    import time
+
+    ready.put(1)
+    go.wait()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_generation_timed_on_a_busy_host_is_flagged_with_its_reason():
+    """Busy loops on every core while a form is timed: its record must say the timing is not clean, and why."""
+    import multiprocessing as mp
+    import os
+
+    from harness.stages.generate import guarded_form
+
+    model = _tiny_model()
+    ids = torch.randint(2, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    s = SimpleNamespace(gen_prompt_tokens=6, gen_new_tokens=8, gen_repeats=3)
+    ctx = mp.get_context("spawn")
+    ready, go = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_spin, args=(20.0, ready, go)) for _ in range(os.cpu_count() or 1)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            ready.get(timeout=120)
+        go.set()
+        timings, _, verdict = guarded_form(model, {1: ids}, s, 1, "cpu")
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+    assert timings["bs1.decode_tokens_per_s"] > 0
+    m = verdict.as_metrics("gen.none.")
+    assert m["gen.none.timing_clean"] == 0.0, verdict.figures
+    assert "other processes" in verdict.reason
+
+
 @pytest.fixture
 def merge_run(tmp_path: Path) -> Path:
     run_dir = tmp_path / "results" / "20261123T120000Z-cpu"

@@ -224,8 +224,10 @@ def noisy_reason(rec: Record) -> str:
 
     if not timing_noisy(rec.metrics):
         return ""
-    rows = rec.tables.get(M.TIMING_TABLE) or [{}]
-    return "timing flagged noisy: " + (rows[0].get("reason") or "no reason recorded")
+    reasons = [(f"{row['form']}: " if row.get("form") else "") + row["reason"]
+               for table in (M.TIMING_TABLE, M.GEN_TIMING_TABLE) for row in rec.tables.get(table) or []
+               if row.get("reason")]
+    return "timing flagged noisy: " + ("; ".join(reasons) or "no reason recorded")
 
 
 def suite_table(records: list[Record], baseline: Mapping[str, Record] | None = None) -> Table:

@@ -9,7 +9,9 @@ then ``gen_repeats`` timed calls with the device synchronised, medians reported:
 - prefill tokens/s: batch × prompt tokens / time to first token;
 - decode tokens/s: batch × (new tokens − 1) / (full call − time to first token);
 - peak memory of the form (torch allocator on a GPU, process RSS on the CPU);
-- the share of greedy outputs identical to the unmerged adapter's (and of tokens, position by position).
+- the share of greedy outputs identical to the unmerged adapter's (and of tokens, position by position);
+- the noise guard's verdict over each form's timed calls (``gen.<form>.timing_clean``, the reason in the
+  ``gen.timing`` table): a busy host once slowed one form's batch-1 decode 20x while its batch-8 run was fine.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from harness.measure import memory
+from harness.measure import memory, noise
 from harness.stages import Context, Inputs, StageOutput, free, sync
 
 
@@ -81,6 +83,17 @@ def time_form(model, prompts: dict[int, object], s, pad_id: int, device: str) ->
     return metrics, outputs
 
 
+def guarded_form(model, prompts: dict[int, object], s, pad_id: int, device: str, sampler=None):
+    """``time_form`` under the noise guard: (timings, outputs, the guard's verdict on the host meanwhile)."""
+    nv = getattr(sampler, "nvml", None)
+    guard = noise.NoiseGuard(nvml=nv.nv if nv else None, handles=nv.handles if nv else ()).start()
+    try:
+        timings, outputs = time_form(model, prompts, s, pad_id, device)
+    finally:
+        guard.stop()
+    return timings, outputs, guard.verdict()
+
+
 def same_outputs(reference: dict, outputs: dict) -> tuple[float, float]:
     """(share of sequences identical to the reference's, share of tokens equal position by position)."""
     seqs = same = tokens = equal = 0
@@ -120,8 +133,10 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
             model = merge.build(form, s.method, trained.path, load, s.compute_dtype)
             sync(ctx.device)
             build_s = time.perf_counter() - t
-            timings, outputs = time_form(model, prompts, s, pad_id, ctx.device)
+            timings, outputs, verdict = guarded_form(model, prompts, s, pad_id, ctx.device, sampler)
         key = f"gen.{form}"
+        out.metrics.update(verdict.as_metrics(f"{key}."))
+        out.tables.setdefault("gen.timing", []).append({"form": form, **verdict.as_env(), "device": ctx.device})
         out.metrics[f"{key}.build_s"] = build_s
         out.metrics.update({f"{key}.{k}": v for k, v in timings.items()})
         if sampler is not None:
