@@ -3,20 +3,23 @@
 The memory sampler (a thread polling RSS, and NVML every 5 ms on a GPU; every 50 ms on the CPU, where it
 competes with the training threads for the cores), the noise guard (host counters every 0.5 s), the per-step
 synchronize + clock reads and the token-counting collator. Expectation: at most 1.03x the plain steps' time
-on the CPU, 1.01x on a GPU (median of interleaved rounds). A host that was busy while it measured makes the
-result inconclusive (skipped with the noise guard's reason), not a failure. The ratio lands in
-pytest-benchmark's extra_info.
+on the CPU, 1.01x on a GPU. Judged on the 95% interval of the ratio over interleaved rounds (a log-t interval
+of the per-round ratios): pass when the interval lies under the bound, fail when it lies above, inconclusive
+(a skip that says so) when it straddles it. Three rounds once gave 0.85x to 1.04x on a quiet 2-core machine:
+a point ratio against a 3% bound was a coin flip. A host the noise guard saw busy also makes a failure
+inconclusive. The ratio and its interval land in pytest-benchmark's extra_info.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
 import pytest
 import torch
 
-from harness import presets
+from harness import presets, stats
 from harness.measure.memory import Sampler
 from harness.measure.noise import NoiseGuard
 from harness.models import Source, build_on_device
@@ -24,7 +27,7 @@ from harness.stages import sync as _sync
 from harness.stages.train import TokenCounter
 
 STEPS = 15
-ROUNDS = 3  # interleaved plain / instrumented rounds (medians)
+ROUNDS = 21  # interleaved plain / instrumented rounds: the ratio's interval is over these
 MAX_RATIO = {"cpu": 1.03, "cuda": 1.01}
 
 
@@ -83,12 +86,17 @@ def test_instrumentation_overhead(benchmark, setup):
         measured.append(_steps(model, opt, batch, device, True))
     verdict = watch.stop().verdict()
     benchmark.pedantic(_steps, args=(model, opt, batch, device, True), rounds=1, iterations=1)
-    ratio = statistics.median(measured) / statistics.median(plain)
-    benchmark.extra_info.update({"overhead_ratio": ratio, "plain_s": statistics.median(plain),
-                                 "instrumented_s": statistics.median(measured), "steps": STEPS, "rounds": ROUNDS,
-                                 "device": device, "timing_clean": verdict.clean, "noise": verdict.reason})
-    print(f"instrumentation overhead: {100 * (ratio - 1):+.2f}% over {ROUNDS} x {STEPS} steps on {device}")
-    if ratio > MAX_RATIO[device] and not verdict.clean:
-        pytest.skip(f"inconclusive: overhead ratio {ratio:.3f} measured on a noisy host ({verdict.reason})")
-    assert ratio <= MAX_RATIO[device], (
-        f"instrumentation costs {ratio:.3f}x the plain steps' time on {device} (expected <= {MAX_RATIO[device]})")
+    iv = stats.t_interval([math.log(m / p) for m, p in zip(measured, plain, strict=True)])
+    ratio, lo, hi = math.exp(iv.mean), math.exp(iv.lo), math.exp(iv.hi)
+    bound = MAX_RATIO[device]
+    benchmark.extra_info.update({"overhead_ratio": ratio, "overhead_ratio_lo": lo, "overhead_ratio_hi": hi,
+                                 "plain_s": statistics.median(plain), "instrumented_s": statistics.median(measured),
+                                 "steps": STEPS, "rounds": ROUNDS, "device": device, "timing_clean": verdict.clean,
+                                 "noise": verdict.reason})
+    text = f"{ratio:.3f}x [{lo:.3f}, {hi:.3f}] over {ROUNDS} x {STEPS} steps on {device}"
+    print(f"instrumentation overhead: {text}")
+    if lo > bound and not verdict.clean:
+        pytest.skip(f"inconclusive: overhead {text} measured on a noisy host ({verdict.reason})")
+    assert lo <= bound, f"instrumentation costs {text}: the whole interval is above {bound}"
+    if hi > bound:
+        pytest.skip(f"inconclusive: overhead {text}: the interval straddles the bound {bound}")
