@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace the tables between the README's markers (headline; merge costs when the run has them)")
     h.add_argument("--merge-suite", default="merge", help="the suite of the merge-costs table (default: merge)")
 
+    st = sub.add_parser("stats", parents=[results],
+                        help="recompute a run's stats/<suite>.json (groups, differences, verdicts) from its records")
+    st.add_argument("run", metavar="RUN", help="run id, run folder or 'latest'")
+
     ls = sub.add_parser("list", help="list the suites and their case ids")
     ls.add_argument("--suites", type=Path, default=Path("suites"), help="suites folder (default: suites)")
     return p
@@ -187,12 +191,23 @@ def cmd_headline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Recompute the statistics of a run from its records (they are derived; the records are never touched)."""
+    from harness import stats
+    from harness.records import resolve_run
+
+    for path in stats.write_run_stats(resolve_run(args.run, args.results)):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m harness`` and ``qlora-harness``; returns the exit status."""
     from harness.compare import RecordError
 
     args = _parser().parse_args(argv)
-    command = {"report": cmd_report, "compare": cmd_compare, "list": cmd_list, "headline": cmd_headline}[args.command]
+    command = {"report": cmd_report, "compare": cmd_compare, "list": cmd_list, "headline": cmd_headline,
+               "stats": cmd_stats}[args.command]
     try:
         return command(args)
     except (UserError, RecordError, FileNotFoundError, NotADirectoryError) as exc:

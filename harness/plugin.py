@@ -317,9 +317,9 @@ class BaselineGroupItem(HarnessItem):
 
 
 def _slug(text: str) -> str:
-    import re
+    from harness.records import slug
 
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:120]
+    return slug(text)
 
 
 def _wait_records(run, suite: str, wanted: set[str], wait_s: float) -> dict:
@@ -413,8 +413,6 @@ def _write_stats(session, run) -> None:
     Each process notes the reference method of the suites it collected (``stats/references.<worker>.json``,
     as an xdist controller collects nothing); the controller, last to finish, computes the statistics.
     """
-    import json
-
     from harness.records import write_json_atomic
 
     records = list(run.records().values())
@@ -429,7 +427,4 @@ def _write_stats(session, run) -> None:
         return
     from harness import stats
 
-    for p in sorted(folder.glob("references.*.json")):
-        refs = {**json.loads(p.read_text()), **refs}
-    for suite, data in stats.run_stats(records, refs).get("suites", {}).items():
-        write_json_atomic(folder / f"{_slug(suite)}.json", data, overwrite=True)
+    stats.write_run_stats(run.dir, records, refs)

@@ -11,7 +11,11 @@ Records only (numpy/scipy, no torch). The pieces:
   one draw of items is applied to every seed of a bootstrap replicate: resampling items afresh within each
   seed would average the item effect away and make the interval too narrow.
 * ``ratio``: speed and memory as method / reference with a log-t (Welch) interval over seeds.
-* ``noninferiority``: pass, fail or inconclusive from the interval of a difference and a margin.
+* ``noninferiority``: pass, fail or inconclusive from the interval of a difference and a margin (one
+  pre-stated hypothesis, so a plain 95% interval).
+* differences in ``run_stats`` (the report's and the README's verdicts) use intervals simultaneous over the
+  methods compared with the reference (Bonferroni), so that a suite of five methods does not report a
+  difference that one of its five 95% intervals found by chance.
 * ``run_stats``: all of it for a run's records, as the JSON the run folder and the report hold.
 """
 
@@ -337,7 +341,8 @@ def seed_difference(a: np.ndarray, b: np.ndarray, paired: bool, level: float = L
     return est, est - half, est + half
 
 
-def paired_difference(a: Group, ref: Group, name: str, *, n_boot: int = BOOTSTRAP, seed: int = 0) -> Difference:
+def paired_difference(a: Group, ref: Group, name: str, *, n_boot: int = BOOTSTRAP, seed: int = 0,
+                      level: float = LEVEL) -> Difference:
     """``name`` of ``a`` minus ``ref``: bootstrap over seeds and items when both hold the per-item rows."""
     paired = a.seeds == ref.seeds
     im = item_metric(name)
@@ -346,15 +351,20 @@ def paired_difference(a: Group, ref: Group, name: str, *, n_boot: int = BOOTSTRA
         sa, sb = (_stack(a, im, docs), _stack(ref, im, docs)) if docs else (None, None)
         if sa is not None and sb is not None:
             est, lo, hi = bootstrap_difference(*sa, *sb, finish=im.finish, paired_seeds=paired, n_boot=n_boot,
-                                               seed=seed)
+                                               seed=seed, level=level)
             return Difference(name, a.group_id, ref.group_id, est, lo, hi, (len(a.records), len(ref.records)),
                               len(docs), paired, "bootstrap seeds x items")
     va, vb = a.values(name), ref.values(name)
     if paired and len(va) != len(vb):
         paired = False
-    est, lo, hi = seed_difference(va, vb, paired)
+    est, lo, hi = seed_difference(va, vb, paired, level)
     how = "t over seeds" if math.isfinite(lo) else "none"
     return Difference(name, a.group_id, ref.group_id, est, lo, hi, (len(va), len(vb)), 0, paired, how)
+
+
+def simultaneous_level(comparisons: int, level: float = LEVEL) -> float:
+    """Per-comparison level that keeps ``comparisons`` intervals at ``level`` jointly (Bonferroni)."""
+    return 1 - (1 - level) / max(comparisons, 1)
 
 
 def reference_gain(ref: Group, name: str, *, n_boot: int = BOOTSTRAP, seed: int = 0) -> Difference | None:
@@ -624,9 +634,14 @@ def run_stats(records: Iterable[Any], references: Mapping[str, str] | None = Non
                 "metrics": {n: _clean(asdict(s)) for n, s in summ.items()},
             }
         gains: dict[tuple[str, str], Difference | None] = {}
-        for g, ref in reference_pairs(gs, ref_method):
+        pairs = reference_pairs(gs, ref_method)
+        family = simultaneous_level(len(pairs))
+        suite_out["family_size"], suite_out["family_level"] = len(pairs), family
+        for g, ref in pairs:
             for name in quality_metrics(g):
-                d = paired_difference(g, ref, name, seed=seed)
+                # the verdict's interval is simultaneous over the methods compared on this metric (Bonferroni):
+                # among five methods one per-comparison 95% interval misses zero by luck about one time in five
+                d = paired_difference(g, ref, name, seed=seed, level=family)
                 key = (ref.group_id, name)
                 if key not in gains:
                     gains[key] = reference_gain(ref, name, seed=seed)
@@ -662,3 +677,25 @@ def _clean(d: dict[str, Any]) -> dict[str, Any]:
             v = [None if isinstance(x, float) and not math.isfinite(x) else x for x in v]
         out[k] = v
     return out
+
+
+def write_run_stats(run_dir, records: Iterable[Any] | None = None, references: Mapping[str, str] | None = None) -> list:
+    """``stats/<suite>.json`` of a run folder from its records (the end of a session, or ``python -m harness
+    stats RUN`` after the statistics improved): references noted by the session's processes are honoured."""
+    import json
+    from pathlib import Path
+
+    from harness.records import iter_records, slug, write_json_atomic
+
+    folder = Path(run_dir) / "stats"
+    records = list(records) if records is not None else list(iter_records(run_dir))
+    refs: dict[str, str] = {}
+    for p in sorted(folder.glob("references.*.json")):
+        refs.update(json.loads(p.read_text()))
+    refs.update(references or {})
+    written = []
+    for suite, data in run_stats(records, refs).get("suites", {}).items():
+        path = folder / f"{slug(suite)}.json"
+        write_json_atomic(path, data, overwrite=True)
+        written.append(path)
+    return written

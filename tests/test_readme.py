@@ -18,3 +18,15 @@ def test_headline_table_matches_the_committed_records():
     assert len(runs) == 1, f"the README quotes run {run_id}, which must be committed under results/reference/"
     assert shown == headline.table(runs[0], "smoke")
 
+
+
+def _committed(run_id: str) -> Path:
+    runs = list((ROOT / "results" / "reference").glob(f"*/{run_id}"))
+    assert len(runs) == 1, f"the README quotes run {run_id}, which must be committed under results/reference/"
+    return runs[0]
+
+
+def test_merge_costs_match_the_committed_records():
+    shown = headline.embedded(ROOT / "README.md", headline.MERGE_START, headline.MERGE_END)
+    run_id = re.search(r"Run `([^`]+)`", shown).group(1)
+    assert shown == headline.merge_costs(_committed(run_id))

@@ -182,6 +182,29 @@ def test_without_base_rows_the_gain_is_unknown_and_verdicts_are_unchanged():
     assert result["outcome"] == "pass"
 
 
+def test_verdicts_over_five_methods_hold_their_family_wise_error():
+    """Five methods equal to the reference in truth (seed-level metric, 3 paired seeds): the suite's verdicts
+    may claim a difference for at least one of them in about 5% of suites, not the ~20% five separate 95%
+    intervals give. Counted over simulated suites against that known truth."""
+    rng = np.random.default_rng(5)
+    methods = ["lora-bf16", "qlora-nf4", "qlora-nf4-dq", "qlora-fp4", "qlora-fp4-dq", "lora-int8"]
+    sims, false_claims, single = 300, 0, 0
+    for _ in range(sims):
+        seed_effect = rng.normal(0, 0.1, 3)  # shared by every method trained on that seed's base
+        recs = [Record(run_id="r", suite="q", case_id=f"q[{m}-seed{s}]", method=m,
+                       params={"method": m, "seed": s}, status="passed",
+                       metrics={"eval.t.bits_per_byte": 1.5 + seed_effect[s] + rng.normal(0, 0.02)})
+                for m in methods for s in range(3)]
+        diffs = stats.run_stats(recs)["suites"]["q"]["differences"]
+        assert len(diffs) == 5 and {d["how"] for d in diffs} == {"t over seeds"}
+        false_claims += any(not d["verdict"].startswith("no detectable") for d in diffs)
+        g = stats.groups(recs)
+        d = stats.paired_difference(g[1], g[0], "eval.t.bits_per_byte")  # one comparison at the plain 95%
+        single += not (d.lo <= 0 <= d.hi)
+    assert false_claims / sims <= 0.09, false_claims / sims
+    assert 0.01 <= single / sims <= 0.10  # the plain interval holds its own 95%: the simulation is sound
+
+
 def test_verdicts_are_generated_from_the_interval():
     mk = lambda est, lo, hi, m="eval.t.acc": stats.Difference(m, "g", "r", est, lo, hi, (3, 3), 60, True, "x")  # noqa: E731
     assert stats.verdict(mk(0.004, -0.021, 0.030)) == "no detectable difference within ±0.030"

@@ -330,7 +330,8 @@ def pareto_chart(records: list[Record]) -> Chart | None:
 
 
 def difference_chart(records: list[Record]) -> Chart | None:
-    """Each method minus the reference on every quality metric, with the paired 95% interval (seeds × items)."""
+    """Each method minus the reference on every quality metric, with the paired interval (seeds × items),
+    simultaneous over the methods compared (``stats.run_stats``)."""
     suites = stats.run_stats(records).get("suites", {})
     diffs = [d for st in suites.values() for d in st["differences"] if d.get("lo") is not None]
     if not diffs:
@@ -356,7 +357,9 @@ def difference_chart(records: list[Record]) -> Chart | None:
         fig.add_vline(x=0, line_dash="dot", line_color="#888", line_width=1, row=1, col=col)
         better = {"higher": "→ better", "lower": "← better"}.get(metrics.direction(name), "")
         fig.update_xaxes(title_text=f"difference to {ref} {better}", row=1, col=col)
-    return Chart("differences", f"Difference to {ref} with its 95% interval (paired over seeds and eval items)",
+    k = next(iter(suites.values())).get("family_size", 1)
+    joint = f"simultaneous 95% interval over {k} methods" if k > 1 else "95% interval"
+    return Chart("differences", f"Difference to {ref} with its {joint} (paired over seeds and eval items)",
                  fig, wide=len(names) > 1)
 
 

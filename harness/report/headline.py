@@ -76,8 +76,8 @@ def _group_cell(g: stats.Group, summary: dict[str, stats.Summary], metric: str |
 
 
 # Quality differences to the reference shown as their own columns (metric, header).
-DIFFERENCES = ((M.MC_ACC, "Δ support_mc acc [95% CI]"),
-               (M.HELDOUT_BPB, "Δ held-out bits/byte [95% CI]"))
+DIFFERENCES = ((M.HELDOUT_BPB, "Δ held-out bits/byte [CI]"),  # the primary metric first
+               (M.MC_ACC, "Δ support_mc acc [CI]"))
 
 
 def _diff_text(d: dict | None) -> str:
@@ -123,7 +123,10 @@ def table(run_dir: Path, suite: str = "smoke") -> str:
     versions = ", ".join(f"{k.replace('_', '-')} {ver}" for k, ver in v.items()
                          if k not in ("nvidia-ml-py", "qlora-harness", "datasets", "accelerate") and ver)
     seeds = max((len(g.records) for g in groups), default=1)
-    intervals = (f" ± and brackets: 95% intervals over {seeds} seeds (and eval items, paired, for Δ)."
+    k = st.get("family_size", 1)
+    joint = (f"simultaneous 95% intervals over the {k} methods compared (Bonferroni: {100 * st['family_level']:.1f}% "
+             "each)" if k > 1 else "95% intervals")
+    intervals = (f" ±: 95% intervals over {seeds} seeds; Δ brackets: {joint}, paired over seeds and eval items."
                  if seeds > 1 else "")
     lines.append(f"Measured on {gpu}; {versions}; run `{records[0].run_id if records else ''}`, suite `{suite}`."
                  f"{intervals}")
@@ -156,12 +159,12 @@ def _verdicts(groups: list[stats.Group], diffs: dict, ref: str) -> list[str]:
     return out
 
 
-def embedded(readme: Path) -> str:
-    """The table currently between the README's markers."""
+def embedded(readme: Path, start: str = START, end: str = END) -> str:
+    """The table currently between the README's markers (the headline's unless others are given)."""
     text = readme.read_text()
-    m = re.search(re.escape(START) + r"\n(.*?)\n" + re.escape(END), text, re.S)
+    m = re.search(re.escape(start) + r"\n(.*?)\n" + re.escape(end), text, re.S)
     if not m:
-        raise ValueError(f"{readme}: no {START} … {END} block")
+        raise ValueError(f"{readme}: no {start} … {end} block")
     return m.group(1)
 
 
