@@ -342,12 +342,12 @@ def test_headline_shows_intervals_differences_and_generated_verdicts(tmp_path):
     text = headline.table(_replicated_run(tmp_path), "smoke")
     # tokens/s 1000, 1100, 1200: mean 1,100, sd 100, t(0.975, 2) · 100 / √3 = 248.4
     assert "| lora-bf16 (n=3) | 1,100 ± 248 |" in text
-    assert "Δ to lora-bf16, support_mc acc [95% CI]" in text
+    assert "Δ to lora-bf16, support_mc acc [CI]" in text
     line = next(x for x in text.splitlines() if x.startswith("- qlora-nf4 against lora-bf16: support_mc acc: worse by"))
     assert "| qlora-nf4 (n=3) | 880 ± 199 | 0.250 → 0.4" in text
     worse = float(line.split("worse by ")[1].split(" ")[0])
     assert 0.2 < worse < 0.3
-    assert "95% intervals over 3 seeds" in text
+    assert "±: 95% intervals over 3 seeds; Δ brackets: 95% intervals" in text  # one method compared: no family
 
 
 def test_report_draws_error_bars_and_the_difference_chart(tmp_path):

@@ -198,7 +198,8 @@ def _stats_view(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
         if data.get("suite") == suite:
             checks += [{"name": data.get("name", p.stem), **r} for r in data.get("results", [])]
     replicated = any(len(g.records) > 1 for g in stats.groups(records))
-    return {"reference": ref, "differences": diffs, "ratios": ratios if replicated else [], "checks": checks}
+    return {"reference": ref, "differences": diffs, "ratios": ratios if replicated else [], "checks": checks,
+            "family_size": st.get("family_size", 1)}
 
 
 def _stale(page: Path, run_dir: Path) -> bool:
