@@ -332,6 +332,7 @@ def _replicated_run(tmp_path):
             rec = _record(method, s, rng.random(400) < acc + b, tokens_per_s=tps * scale, suite="smoke")
             rec.run_id = "rep"
             rec.metrics["eval.support_mc.base_acc"] = 0.25
+            rec.params.update(compute_dtype="fp32", max_steps=600)
             write_record(run, rec)
     return run
 
@@ -348,6 +349,7 @@ def test_headline_shows_intervals_differences_and_generated_verdicts(tmp_path):
     worse = float(line.split("worse by ")[1].split(" ")[0])
     assert 0.2 < worse < 0.3
     assert "±: 95% intervals over 3 seeds; Δ brackets: 95% intervals" in text  # one method compared: no family
+    assert ", compute fp32, 600 training steps;" in text  # the setup the numbers hold for, from the records
 
 
 def test_report_draws_error_bars_and_the_difference_chart(tmp_path):

@@ -128,7 +128,11 @@ def table(run_dir: Path, suite: str = "smoke") -> str:
              "each)" if k > 1 else "95% intervals")
     intervals = (f" ±: 95% intervals over {seeds} seeds; Δ brackets: {joint}, paired over seeds and eval items."
                  if seeds > 1 else "")
-    lines.append(f"Measured on {gpu}; {versions}; run `{records[0].run_id if records else ''}`, suite `{suite}`."
+    dtypes = sorted({str(r.params.get("compute_dtype")) for r in records if r.params.get("compute_dtype")})
+    steps = sorted({int(r.params["max_steps"]) for r in records if r.params.get("max_steps")})
+    setup = "".join([f", compute {'/'.join(dtypes)}" if dtypes else "",
+                     f", {'/'.join(map(str, steps))} training steps" if steps else ""])
+    lines.append(f"Measured on {gpu}{setup}; {versions}; run `{records[0].run_id if records else ''}`, suite `{suite}`."
                  f"{intervals}")
     return "\n".join(lines)
 
