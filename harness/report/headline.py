@@ -186,7 +186,7 @@ def _merge_cell(m: dict[str, float], strategy: str, quality: str) -> str:
     metrics; ``quality`` is ``<task>.<metric>`` of the eval, its change against the unmerged adapter."""
     parts = []
     if (kl := m.get(M.merge_metric(strategy, "kl_mean"))) is not None:
-        parts.append(f"KL {kl:.1e}")
+        parts.append(f"KL {max(kl, 0.0):.1e}")  # float32 rounding leaves an exact match at about -1e-8
     if (top1 := m.get(M.merge_metric(strategy, "top1_agreement"))) is not None:
         parts.append(f"top-1 {top1:.3f}")
     task, metric = quality.split(".", 1)

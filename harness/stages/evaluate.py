@@ -155,7 +155,8 @@ def agreement(reference, other) -> dict[str, float]:
     """KL(reference ‖ other) per token (nats), top-1 agreement, and max |Δ log p| of two next-token tables."""
     import torch
 
-    kl = torch.nn.functional.kl_div(other, reference, log_target=True, reduction="none").sum(-1)
+    # KL >= 0; float32 rounding leaves identical distributions at about -1e-8 per token
+    kl = torch.nn.functional.kl_div(other, reference, log_target=True, reduction="none").sum(-1).clamp_min(0)
     return {
         "kl_mean": float(kl.mean()),
         "kl_max": float(kl.max()),
