@@ -74,7 +74,18 @@ def recipe(method: str, steps: int, warmup: int) -> dict:
         seed=s.seed, data_seed=s.seed, dataloader_num_workers=0)
     dataset = load_dataset("json", data_files=case.data.train, split="train")
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    # the same numerics as the harness (its precision policy): trl casts a quantized model's adapters to bf16,
+    # which an AVX2 CPU emulates at a fraction of fp32's speed; hold them in the compute dtype, as the harness does
+    lora = [p for n, p in trainer.model.named_parameters() if "lora_" in n]
+    trl_dtype = str(lora[0].dtype).removeprefix("torch.")
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[s.compute_dtype]
+    for p in lora:
+        p.data = p.data.to(want)
     from transformers import TrainerCallback
+
+    from harness.precision import held
+
+    dtypes = held(trainer.model)
 
     class Clock(TrainerCallback):  # the least a step time needs: two clock reads (and a sync on a GPU)
         def __init__(self):
@@ -97,7 +108,8 @@ def recipe(method: str, steps: int, warmup: int) -> dict:
     trainer.train()
     if device == "cuda":
         torch.cuda.synchronize()
-    return {"train_s": time.perf_counter() - t, "step_median_s": statistics.median(clock.steps)}
+    return {"train_s": time.perf_counter() - t, "step_median_s": statistics.median(clock.steps),
+            "adapters_as_trl_left_them": trl_dtype, "dtypes": dtypes, "threads": torch.get_num_threads()}
 
 
 def harness_side(method: str, steps: int, warmup: int) -> dict:
@@ -140,7 +152,8 @@ def main() -> int:
                 ratios[k].append(got["harness"][k] / got["recipe"][k])
             print(f"{method} pair {i}: " + ", ".join(
                 f"{k} harness {got['harness'][k]:.3f} recipe {got['recipe'][k]:.3f} ({ratios[k][-1]:.3f}x)"
-                for k in ratios) + f", harness timing clean: {got['harness'].get('timing_clean')}", flush=True)
+                for k in ratios) + f", harness timing clean: {got['harness'].get('timing_clean')}, trl left the "
+                f"recipe's adapters in {got['recipe']['adapters_as_trl_left_them']}", flush=True)
         for k, rs in ratios.items():
             med = statistics.median(rs)
             print(f"{method} {k}: median ratio harness/recipe {med:.3f} (range {min(rs):.3f}-{max(rs):.3f}, "
