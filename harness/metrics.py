@@ -177,8 +177,10 @@ EMITTED: dict[str, tuple[str, ...]] = {
         "train.*_gib", "train.*_gb", "train.gpu*", "train.*tokens_per_s*", "train.step_*", "train.stalled_steps",
         "train.timing_clean", "train.noise.*", "train.*_ratio", "train.mfu*", "train.*_tflops", "train.healthy",
     ),
-    "estimate": ("estimate.*_gib", "estimate.bits_per_param", "estimate.trainable_params"),
-    "eval": ("eval.base_s", "eval.adapter_s", "eval.merge_s", "eval.merged_s", "eval.merge.*"),  # merge fidelity
+    "estimate": ("estimate.*_gib", "estimate.bits_per_param", "estimate.trainable_params",
+                 "estimate.tokens_per_batch", "estimate.profiled_step_tokens"),
+    # scoring times of every variant (merged forms included) and merge fidelity
+    "eval": ("eval.base_s", "eval.adapter_s", "eval.merge_s", "eval.merged_s", "eval.merged_*_s", "eval.merge.*"),
     # generate: gen.<form>.{build_s, bs<b>.ttft_ms|prefill_tokens_per_s|decode_tokens_per_s|tpot_ms|total_ms,
     # peak memory, identical_outputs, token_agreement}, the form being none or a merge strategy
     "gen": ("gen.*.build_s", "gen.*.bs*_ms", "gen.*.bs*_tokens_per_s", "gen.*_gib", "gen.*.identical_outputs",
