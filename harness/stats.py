@@ -497,6 +497,9 @@ def verdict(d: Difference, gain: Difference | None = None) -> str:
     sentence says the metric is uninformative first: "no difference" on an eval nobody learned means nothing.
     """
     plain = _verdict(d)
+    if min(d.n_seeds) < 2 and not plain.startswith(("no detectable", "difference")):
+        # one training seed: the interval covers eval items only, not how another seed would have trained
+        plain += " (one seed: the interval leaves out seed-to-seed variation)"
     if informative(gain) is False:
         ref = d.reference.partition("[")[2].rstrip("]") or d.reference
         head = f"uninformative: {ref} did not improve on its untrained base ({gain_text(gain)})"
