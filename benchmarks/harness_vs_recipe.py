@@ -40,11 +40,12 @@ def recipe(method: str, steps: int, warmup: int) -> dict:
 
     from harness import methods, models
     from harness.measure.machine import resolve_compute_dtype
+    from harness.stages.train import PROJECTION_NAMES
 
-    case = train_case(method, steps, warmup)
-    s = resolve_compute_dtype(case.settings, "cpu" if not torch.cuda.is_available() else "cuda")
-    source = models.prepare(case)  # the same checkpoint folder the harness side loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    case = train_case(method, steps, warmup)
+    s = resolve_compute_dtype(case.settings, device)
+    source = models.prepare(case)  # the same checkpoint folder the harness side loads
     torch.manual_seed(s.seed)
     kwargs = methods.get(method).from_pretrained_kwargs(s.compute_dtype, s.quant_storage)
     model = AutoModelForCausalLM.from_pretrained(source.checkpoint, device_map={"": 0 if device == "cuda" else "cpu"},
@@ -55,11 +56,9 @@ def recipe(method: str, steps: int, warmup: int) -> dict:
     elif s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
-             "down": "down_proj"}
     model = get_peft_model(model, LoraConfig(
         r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, bias="none", task_type="CAUSAL_LM",
-        target_modules=[names[t] for t in s.target_modules.split(",")]))
+        target_modules=[PROJECTION_NAMES[t] for t in s.target_modules.split(",")]))
     tokenizer = AutoTokenizer.from_pretrained(source.tokenizer or source.checkpoint)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -83,10 +82,6 @@ def recipe(method: str, steps: int, warmup: int) -> dict:
         p.data = p.data.to(want)
     from transformers import TrainerCallback
 
-    from harness.precision import held
-
-    dtypes = held(trainer.model)
-
     class Clock(TrainerCallback):  # the least a step time needs: two clock reads (and a sync on a GPU)
         def __init__(self):
             self.t0, self.steps = 0.0, []
@@ -109,7 +104,7 @@ def recipe(method: str, steps: int, warmup: int) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     return {"train_s": time.perf_counter() - t, "step_median_s": statistics.median(clock.steps),
-            "adapters_as_trl_left_them": trl_dtype, "dtypes": dtypes, "threads": torch.get_num_threads()}
+            "adapters_as_trl_left_them": trl_dtype}
 
 
 def harness_side(method: str, steps: int, warmup: int) -> dict:

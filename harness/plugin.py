@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.records import check_name, one_line
+from harness.records import check_name, one_line, slug
 from harness.spec import TIERS, NonInferiorityExpectation, RatioExpectation, SpecError
 
 RUN_KEY = pytest.StashKey["object"]()
@@ -278,7 +278,7 @@ class NonInferiorityItem(HarnessItem):
         if not results:
             pytest.skip(f"no passed cases of both {self.exp.method} and {against} to compare")
         label = self.exp.label(self.suite.reference)
-        write_json_atomic(run.dir / "stats" / "expectations" / f"{_slug(self.suite.name + '.' + label)}.json",
+        write_json_atomic(run.dir / "stats" / "expectations" / f"{slug(self.suite.name + '.' + label)}.json",
                           {"suite": self.suite.name, "name": label, "results": results}, overwrite=True)
         failed = [r["message"] for r in results if r["outcome"] == "fail"]
         if failed:
@@ -309,17 +309,11 @@ class BaselineGroupItem(HarnessItem):
                                        self.suite.tolerances)
         if not changes:
             pytest.skip("the baseline has no group of these settings")
-        write_json_atomic(run.dir / "stats" / "baseline" / f"{_slug(self.suite.name)}.json",
+        write_json_atomic(run.dir / "stats" / "baseline" / f"{slug(self.suite.name)}.json",
                           [{**stats.as_json(c), "message": c.message} for c in changes], overwrite=True)
         bad = [c.message for c in changes if c.regressed]
         if bad:
             raise CaseFailed("; ".join(bad))
-
-
-def _slug(text: str) -> str:
-    from harness.records import slug
-
-    return slug(text)
 
 
 def _wait_records(run, suite: str, wanted: set[str], wait_s: float) -> dict:

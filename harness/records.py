@@ -33,12 +33,12 @@ Scalar = str | int | float | bool | None
 RUN_FILE = "run.json"
 WORK = "work"  # results/<run-id>/work/<case>/: a case's scratch files, never records
 SAFE_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"  # run ids and suite names: path and link safe, no leading dot
+MAX_SHOWN = 200  # characters of a user's value shown in an error message
 
 
 def slug(text: str) -> str:
     """``text`` as a file name: anything outside letters, digits, ``._-`` becomes ``_`` (at most 120 characters)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:120]
-MAX_SHOWN = 200  # characters of a user's value shown in an error message
 
 
 class RecordError(ValueError):

@@ -241,13 +241,15 @@ def _stack(group: Group, im: ItemMetric, docs: list[int]) -> tuple[np.ndarray, n
     return np.array(nums), np.array(dens)
 
 
-def _common_docs(a: Group, b: Group, im: ItemMetric) -> list[int]:
+def _common_docs(*parts: tuple[Group, ItemMetric]) -> list[int]:
+    """The doc ids every record of each (group, item metric) holds per-item rows for; [] if one lacks them."""
     sets = []
-    for r in a.records + b.records:
-        arr = im.arrays(r.tables.get(im.table) or [])
-        if arr is None:
-            return []
-        sets.append(set(arr))
+    for group, im in parts:
+        for r in group.records:
+            arr = im.arrays(r.tables.get(im.table) or [])
+            if arr is None:
+                return []
+            sets.append(set(arr))
     return sorted(set.intersection(*sets)) if sets else []
 
 
@@ -347,7 +349,7 @@ def paired_difference(a: Group, ref: Group, name: str, *, n_boot: int = BOOTSTRA
     paired = a.seeds == ref.seeds
     im = item_metric(name)
     if im is not None:
-        docs = _common_docs(a, ref, im)
+        docs = _common_docs((a, im), (ref, im))
         sa, sb = (_stack(a, im, docs), _stack(ref, im, docs)) if docs else (None, None)
         if sa is not None and sb is not None:
             est, lo, hi = bootstrap_difference(*sa, *sb, finish=im.finish, paired_seeds=paired, n_boot=n_boot,
@@ -378,14 +380,7 @@ def reference_gain(ref: Group, name: str, *, n_boot: int = BOOTSTRAP, seed: int 
     if im is None or im.variant != "adapter":
         return None
     base = ItemMetric("base", im.task, im.metric)
-    sets = []
-    for r in ref.records:
-        for m in (im, base):
-            arr = m.arrays(r.tables.get(m.table) or [])
-            if arr is None:
-                return None
-            sets.append(set(arr))
-    docs = sorted(set.intersection(*sets)) if sets else []
+    docs = _common_docs((ref, im), (ref, base))
     sa, sb = (_stack(ref, im, docs), _stack(ref, base, docs)) if docs else (None, None)
     if sa is None or sb is None:
         return None
@@ -497,7 +492,7 @@ def verdict(d: Difference, gain: Difference | None = None) -> str:
     sentence says the metric is uninformative first: "no difference" on an eval nobody learned means nothing.
     """
     plain = _verdict(d)
-    if min(d.n_seeds) < 2 and not plain.startswith(("no detectable", "difference")):
+    if _detected(d) and min(d.n_seeds) < 2:
         # one training seed: the interval covers eval items only, not how another seed would have trained
         plain += " (one seed: the interval leaves out seed-to-seed variation)"
     if informative(gain) is False:
@@ -507,12 +502,18 @@ def verdict(d: Difference, gain: Difference | None = None) -> str:
     return plain
 
 
+def _detected(d: Difference) -> bool:
+    """Does the interval exclude zero (for a metric with a direction)?"""
+    return (math.isfinite(d.lo) and math.isfinite(d.hi) and not d.lo <= 0 <= d.hi
+            and metrics.direction(d.metric) != "none")
+
+
 def _verdict(d: Difference) -> str:
-    direction = metrics.direction(d.metric)
     if not (math.isfinite(d.lo) and math.isfinite(d.hi)):
         return f"difference {d.estimate:+.3g}, no interval (needs replicates or per-item results)"
     k = digits_for((d.hi - d.lo) / 2)
-    if d.lo <= 0 <= d.hi or direction == "none":
+    direction = metrics.direction(d.metric)
+    if not _detected(d):
         return f"no detectable difference within ±{_num(max(abs(d.lo), abs(d.hi)), k)}"
     better = (d.lo > 0) == (direction == "higher")
     mag = sorted((abs(d.lo), abs(d.hi)))

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from harness import methods
+from harness.metrics import merged_variant
 from harness.stages import Context, Inputs, StageOutput, free, sync
 
 
@@ -175,13 +176,6 @@ def codes_changed(before: dict, after: dict) -> tuple[int, int]:
     return changed, total
 
 
-def variant(strategy: str) -> str:
-    """Score prefix of a merged form: ``merged`` for PEFT's own merge (the name it always had), else ``merged_<s>``."""
-    from harness.metrics import merged_variant
-
-    return merged_variant(strategy)
-
-
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
@@ -259,7 +253,7 @@ def _merged(ctx: Context, strategy: str, adapter: Path, tokenizer, texts, refere
         other = next_token_logprobs(merged, tokenizer, texts, ctx.device)
         m.update({f"{key}.{k}": v for k, v in agreement(reference, other).items()})
     mflat, seconds, items = score(merged, tokenizer, ctx)
-    name = variant(strategy)
+    name = merged_variant(strategy)
     m.update(_prefixed(mflat, name))
     m[f"eval.{name}_s"] = seconds
     suffix = "merge_delta" if strategy == "requantize" else f"{strategy}_merge_delta"

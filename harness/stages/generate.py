@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from harness.measure import memory, noise
+from harness.metrics import GEN_TIMING_TABLE
 from harness.stages import Context, Inputs, StageOutput, free, sync
 
 
@@ -136,7 +137,7 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
             timings, outputs, verdict = guarded_form(model, prompts, s, pad_id, ctx.device, sampler)
         key = f"gen.{form}"
         out.metrics.update(verdict.as_metrics(f"{key}."))
-        out.tables.setdefault("gen.timing", []).append({"form": form, **verdict.as_env(), "device": ctx.device})
+        out.tables.setdefault(GEN_TIMING_TABLE, []).append({"form": form, **verdict.as_env(), "device": ctx.device})
         out.metrics[f"{key}.build_s"] = build_s
         out.metrics.update({f"{key}.{k}": v for k, v in timings.items()})
         if sampler is not None:
