@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="recompute a run's stats/<suite>.json (groups, differences, verdicts) from its records")
     st.add_argument("run", metavar="RUN", help="run id, run folder or 'latest'")
 
+    b = sub.add_parser("bases", parents=[results],
+                       help="check that a run's cases stand on the reference's bases, bit for bit; exit 1 if not")
+    b.add_argument("new", metavar="NEW", help="run id, run folder or 'latest'")
+    b.add_argument("reference", metavar="REF", help="run id, run folder, or a tier under results/baselines/")
+
     ls = sub.add_parser("list", help="list the suites and their case ids")
     ls.add_argument("--suites", type=Path, default=Path("suites"), help="suites folder (default: suites)")
     return p
@@ -146,6 +151,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if cmp.regressed else 0
 
 
+def cmd_bases(args: argparse.Namespace) -> int:
+    """Each case's base fingerprint against the reference's; 1 when one built on the same kind of machine
+    differs, or when no case could be compared at all."""
+    from harness.compare import compare_bases, load_baseline, load_records
+    from harness.records import resolve_run
+
+    check = compare_bases(load_records(resolve_run(args.new, args.results)), load_baseline(args.reference, args.results))
+    for cid, fp, ref in check.different:
+        print(f"{cid}: base {fp[:16]} differs from the reference's {ref[:16]}")
+    for cid, why in check.not_comparable:
+        print(f"{cid}: not compared, {why}")
+    print(f"{len(check.same)} cases on the reference's bases, {len(check.different)} on different bases, "
+          f"{len(check.not_comparable)} not comparable")
+    if check.different:
+        return 1
+    if not check.same and not check.not_comparable:
+        print("no case of this run has a fingerprinted counterpart in the reference")
+        return 1
+    return 0
+
+
 def suite_files(root: Path) -> list[Path]:
     """Every suite file under ``root``, leaving out its tasks/ and data/ folders."""
     if not root.is_dir():
@@ -207,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     command = {"report": cmd_report, "compare": cmd_compare, "list": cmd_list, "headline": cmd_headline,
-               "stats": cmd_stats}[args.command]
+               "stats": cmd_stats, "bases": cmd_bases}[args.command]
     try:
         return command(args)
     except (UserError, RecordError, FileNotFoundError, NotADirectoryError) as exc:

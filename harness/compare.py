@@ -27,13 +27,14 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from harness import metrics
 from harness.records import Record, RecordError, baseline_record_paths, read_record, read_records, resolve_run
 
 BASELINES = "baselines"  # results/baselines/<tier>/
-__all__ = ["BASELINES", "Change", "Comparison", "RecordError", "compare", "compare_runs", "load_baseline",
-           "load_records", "vanished"]
+__all__ = ["BASELINES", "BaseCheck", "Change", "Comparison", "RecordError", "build_kind", "compare",
+           "compare_bases", "compare_runs", "load_baseline", "load_records", "vanished"]
 
 
 @dataclass(frozen=True)
@@ -217,4 +218,52 @@ def compare_runs(
             out.status.append((rec.case_id, old.status, rec.status))
     suites = {r.suite for r in new}  # a run of some suites is not missing the others' cases
     out.missing = [cid for cid, r in base.items() if cid not in seen and r.suite in suites]
+    return out
+
+
+def build_kind(rec: Record) -> dict[str, Any]:
+    """What a bit-for-bit rebuild of a base depends on: the processor (and its vector instruction set, where
+    the record names it), the accelerator and the numeric libraries' versions."""
+    env = rec.env or {}
+    cpu, gpu, versions = env.get("cpu") or {}, env.get("gpu") or {}, env.get("versions") or {}
+    kind = {"cpu": cpu.get("name"), "isa": cpu.get("isa"), "gpu": gpu.get("name"), "device": env.get("device")}
+    kind.update({lib: versions.get(lib) for lib in ("torch", "transformers", "bitsandbytes")})
+    return kind
+
+
+@dataclass
+class BaseCheck:
+    """Which cases of a run stand on the same base, bit for bit, as a reference run's cases of the same id."""
+
+    same: list[str] = field(default_factory=list)
+    different: list[tuple[str, str, str]] = field(default_factory=list)  # (case id, this run's, reference's)
+    not_comparable: list[tuple[str, str]] = field(default_factory=list)  # (case id, why)
+
+
+def compare_bases(new: list[Record], reference: Mapping[str, Record]) -> BaseCheck:
+    """Each new case's base fingerprint against the reference's record of the same case id.
+
+    A pair is judged only when both were built on the same kind of machine with the same library versions
+    (``build_kind``): other kernels give other floats, so a differing fingerprint there says nothing about the
+    code. Equal fingerprints need no such proof; differing ones where only one record names a field (older
+    records lack the instruction set) are not comparable rather than different.
+    """
+    out = BaseCheck()
+    for rec in new:
+        old = reference.get(rec.case_id)
+        fp, old_fp = rec.model.get("fingerprint"), (old.model.get("fingerprint") if old else None)
+        if fp is None or old_fp is None:
+            continue
+        a, b = build_kind(rec), build_kind(old)
+        apart = [f"{k} {a[k]} vs {b[k]}" for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
+        unknown = [k for k in a if (a[k] is None) != (b[k] is None)]
+        if apart:
+            out.not_comparable.append((rec.case_id, "built on another kind of machine: " + ", ".join(apart)))
+        elif fp == old_fp:
+            out.same.append(rec.case_id)
+        elif unknown:  # the same bytes need no proof of a like machine; different ones do
+            out.not_comparable.append((rec.case_id, f"base {str(fp)[:16]} differs from {str(old_fp)[:16]}, but only "
+                                       f"one record names its {', '.join(unknown)}"))
+        else:
+            out.different.append((rec.case_id, str(fp), str(old_fp)))
     return out

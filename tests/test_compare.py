@@ -153,3 +153,67 @@ def test_cli_list(tmp_path: Path, capsys):
     assert captured.err.count("\n") == 1 and "bad.yaml" in captured.err and "tiers" in captured.err
     assert "tiny[qlora-nf4-block64]" in captured.out
     assert main(["list", "--suites", str(tmp_path / "missing")]) == 2
+
+
+# -- bases: a run's cases on the reference's bases, bit for bit ------------------------------------------------------
+REFERENCE_RUN = Path(__file__).resolve().parents[1] / "results" / "reference" / "cpu-amd-epyc-2core" / "20261123T163221Z-ref"
+
+
+def _copy_run(src: Path, dst: Path, edit=None) -> Path:
+    """A copy of a run folder's records, each passed through ``edit(dict)`` (which may change it in place)."""
+    import json
+
+    dst.mkdir(parents=True)
+    for p in src.glob("*.json"):
+        data = json.loads(p.read_text())
+        if edit is not None and p.name != "run.json":
+            edit(data)
+        (dst / p.name).write_text(json.dumps(data))
+    return dst
+
+
+def test_bases_of_the_committed_reference_match_themselves_and_a_changed_byte_is_found(tmp_path: Path, capsys):
+    same = _copy_run(REFERENCE_RUN, tmp_path / "same")
+    assert main(["bases", str(same), str(REFERENCE_RUN)]) == 0
+    out = capsys.readouterr().out
+    assert " 0 on different bases" in out and not out.startswith("0 cases")
+
+    def tamper(d):
+        if d["case_id"] == "smoke[qlora-nf4-seed0]":
+            d["model"]["fingerprint"] = "0" * 16
+
+    changed = _copy_run(REFERENCE_RUN, tmp_path / "changed", tamper)
+    assert main(["bases", str(changed), str(REFERENCE_RUN)]) == 1
+    out = capsys.readouterr().out
+    assert "smoke[qlora-nf4-seed0]: base 0000000000000000 differs from the reference's 3e17b00c1dd2ff47" in out
+    assert "1 on different bases" in out
+
+
+def test_bases_built_on_another_instruction_set_or_torch_are_not_judged(tmp_path: Path, capsys):
+    from harness.compare import compare_bases, load_baseline, load_records
+
+    def elsewhere(d):
+        d["model"]["fingerprint"] = "f" * 16
+        d["env"]["cpu"]["isa"] = "AVX512"
+        d["env"]["versions"]["torch"] = "2.99.0+cpu"
+
+    run = _copy_run(REFERENCE_RUN, tmp_path / "avx512", elsewhere)
+    check = compare_bases(load_records(run), load_baseline(REFERENCE_RUN))
+    assert check.different == [] and check.same == []
+    assert check.not_comparable and all("torch 2.99.0+cpu vs 2.13.0+cpu" in why for _, why in check.not_comparable)
+    assert main(["bases", str(run), str(REFERENCE_RUN)]) == 0
+
+    def isa_only(d):  # a newer record names its instruction set, the reference does not
+        d["model"]["fingerprint"] = "f" * 16
+        d["env"]["cpu"]["isa"] = "AVX2"
+
+    check = compare_bases(load_records(_copy_run(REFERENCE_RUN, tmp_path / "isa", isa_only)), load_baseline(REFERENCE_RUN))
+    assert check.different == [] and all("only one record names its isa" in w for _, w in check.not_comparable)
+
+
+def test_the_machine_record_names_the_instruction_set_torch_dispatches_to():
+    import torch
+
+    from harness.measure.machine import cpu_info
+
+    assert cpu_info()["isa"] == torch.backends.cpu.get_cpu_capability()

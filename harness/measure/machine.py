@@ -52,7 +52,15 @@ def cpu_info() -> dict[str, Any]:
         pass
     import psutil
 
-    return {"name": name, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 2)}
+    out: dict[str, Any] = {"name": name, "cores": os.cpu_count(),
+                           "memory_gib": round(psutil.virtual_memory().total / 2**30, 2)}
+    try:  # the instruction set torch's CPU kernels dispatch to: float results differ between AVX2 and AVX512
+        import torch
+
+        out["isa"] = torch.backends.cpu.get_cpu_capability()
+    except (ImportError, AttributeError):
+        pass
+    return out
 
 
 def gpu_info() -> dict[str, Any] | None:
