@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import metrics
+from harness import methods, metrics
 from harness.records import Record, RecordError, baseline_record_paths, read_record, read_records, resolve_run
 
 BASELINES = "baselines"  # results/baselines/<tier>/
@@ -227,7 +227,7 @@ def build_kind(rec: Record) -> dict[str, Any]:
     env = rec.env or {}
     cpu, gpu, versions = env.get("cpu") or {}, env.get("gpu") or {}, env.get("versions") or {}
     kind = {"cpu": cpu.get("name"), "isa": cpu.get("isa"), "gpu": gpu.get("name"), "device": env.get("device")}
-    kind.update({lib: versions.get(lib) for lib in ("torch", "transformers", "bitsandbytes")})
+    kind.update({lib: versions.get(lib) for lib in ("torch", "transformers", *methods.packages())})
     return kind
 
 

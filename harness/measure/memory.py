@@ -1,11 +1,18 @@
-"""Memory seen three ways: torch's allocator, NVML (process, else device) polled from a thread, and RSS."""
+"""Memory seen three ways: torch's allocator, NVML (process, else device) polled from a thread, and RSS.
+
+RSS peaks come from the kernel's own high-water mark where Linux lets a process reset it (``VmHWM`` in
+``/proc/self/status``, reset per phase by writing 5 to ``/proc/self/clear_refs``): exact, and free. Polling
+would miss a peak shorter than its interval and costs CPU beside the training threads; it stays the fallback.
+"""
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 GIB = 2**30
@@ -139,14 +146,41 @@ class _Nvml:
         return out
 
 
+class HighWaterMark:
+    """The kernel's peak RSS of this process since the last ``reset()`` (Linux 4.0+; ``usable()`` says)."""
+
+    STATUS, CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+    def usable(self) -> bool:
+        try:
+            self.reset()
+            return self.read() > 0
+        except (OSError, ValueError):
+            return False
+
+    def reset(self) -> None:
+        with self.CLEAR.open("w") as f:
+            f.write("5")
+
+    def read(self) -> int:
+        """Bytes."""
+        for line in self.STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+        raise ValueError("no VmHWM in /proc/self/status")
+
+
 class Sampler:
     """Polls RSS (always) and NVML memory of every device the case uses (on CUDA) in a background thread.
 
     Peaks are kept per phase (``with sampler.phase("train"): ...``) so loading and training are reported
-    apart; per device and summed over devices (the peak of the per-sample sum, not a sum of peaks).
+    apart; per device and summed over devices (the peak of the per-sample sum, not a sum of peaks). The RSS
+    peak of a phase is the kernel's high-water mark where it can be reset (no thread at all on the CPU then),
+    else the highest polled RSS.
     """
 
-    def __init__(self, interval_s: float | None = None, cuda: bool = False, nvml: _Nvml | None = None):
+    def __init__(self, interval_s: float | None = None, cuda: bool = False, nvml: _Nvml | None = None,
+                 hwm: HighWaterMark | None = None):
         import psutil
 
         # <= 10 ms on a GPU, as optimum-benchmark does; on the CPU the thread competes with the training
@@ -166,6 +200,14 @@ class Sampler:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="harness-memory-sampler", daemon=True)
         self.samples = 0
+        self.cpu_s = 0.0
+        hwm = hwm or HighWaterMark()
+        self.hwm: HighWaterMark | None = hwm if hwm.usable() else None
+
+    @property
+    def polls(self) -> bool:
+        """Whether a thread polls: for NVML, or for RSS where the kernel's high-water mark is not available."""
+        return self.nvml is not None or self.hwm is None
 
     def _read(self) -> dict[str, int]:
         out = {"rss": self.proc.memory_info().rss}
@@ -188,27 +230,36 @@ class Sampler:
                 seen["process" if "nvml_process" in reading else "device_only"] += 1
 
     def _run(self) -> None:
+        start = time.thread_time()
         while not self._stop.wait(self.interval_s):
             self._record()
+            self.cpu_s = time.thread_time() - start  # this thread's CPU time so far: what sampling costs
 
     def start(self) -> Sampler:
-        self._thread.start()
+        if self.polls:
+            self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=1)
+        if self._thread.is_alive():
+            self._thread.join(timeout=1)
 
     @contextmanager
     def phase(self, name: str):
         with self._lock:
             self._current = name
+        if self.hwm is not None:
+            self.hwm.reset()
         self._record()
         try:
             yield
         finally:
             self._record()
             with self._lock:
+                if self.hwm is not None:
+                    peak = self.peaks.setdefault(name, {})
+                    peak["rss"] = max(peak.get("rss", -1), self.hwm.read())
                 self._current = None
 
     def source(self, phase: str) -> str | None:
@@ -243,7 +294,8 @@ class Sampler:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "interval_s": self.interval_s,
+            "rss_peak": "kernel high-water mark (VmHWM)" if self.hwm is not None else "polled",
+            "interval_s": self.interval_s if self.polls else None,
             "samples": self.samples,
             "nvml": self.nvml is not None,
             "nvml_devices": list(self.nvml.uuids) if self.nvml else [],

@@ -226,6 +226,7 @@ class NoiseGuard:
         self._last: CpuTimes | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="harness-noise-guard", daemon=True)
+        self.cpu_s = 0.0
 
     def _sample(self) -> None:
         now = cpu_times()
@@ -243,8 +244,10 @@ class NoiseGuard:
             self.gpu.append(gpu_sample(self.nvml, self.handles, self.pid))
 
     def _run(self) -> None:
+        start = time.thread_time()
         while not self._stop.wait(self.interval_s):
             self._sample()
+            self.cpu_s = time.thread_time() - start  # this thread's CPU time so far: what watching costs
 
     def start(self) -> NoiseGuard:
         self._sample()  # at the start

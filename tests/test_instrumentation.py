@@ -1,0 +1,145 @@
+"""What the harness's own measuring costs and misses: the RSS peak from the kernel's high-water mark (no
+polling thread on the CPU, no peak shorter than a poll missed), and the CPU time its threads count for
+themselves, checked against the kernel's per-thread accounting."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from harness.measure import memory
+from harness.measure.noise import NoiseGuard
+
+HZ = os.sysconf("SC_CLK_TCK")
+MB = 2**20
+
+
+def _rss() -> float:
+    """Bytes resident now (psutil and torch imported first: their libraries are not part of any spike)."""
+    memory.memory_now()
+    return memory.memory_now()["rss_gib"] * 2**30
+
+
+def _spike(mb: int) -> None:
+    """Touch ``mb`` MiB and free it at once: a peak far shorter than any polling interval."""
+    a = np.ones(mb * MB // 8)
+    del a
+
+
+needs_hwm = pytest.mark.skipif(not memory.HighWaterMark().usable(), reason="kernel high-water mark not resettable here")
+
+
+@needs_hwm
+def test_a_peak_shorter_than_the_polling_interval_is_measured():
+    sampler = memory.Sampler(interval_s=10).start()  # a poll would come far too late for the spike
+    try:
+        before = _rss()
+        with sampler.phase("spike"):
+            _spike(300)
+        peak = sampler.peaks["spike"]["rss"]
+    finally:
+        sampler.stop()
+    assert peak >= before + 280 * MB, f"peak {peak / MB:.0f} MiB, RSS before {before / MB:.0f} MiB"
+
+
+@needs_hwm
+def test_each_phase_has_its_own_peak():
+    sampler = memory.Sampler(interval_s=10).start()
+    try:
+        with sampler.phase("big"):
+            _spike(300)
+        with sampler.phase("small"):
+            _spike(20)
+    finally:
+        sampler.stop()
+    assert sampler.peaks["big"]["rss"] - sampler.peaks["small"]["rss"] >= 200 * MB  # reset between phases
+
+
+@needs_hwm
+def test_on_the_cpu_no_thread_polls_when_the_kernel_keeps_the_peak():
+    sampler = memory.Sampler().start()
+    try:
+        assert not sampler._thread.is_alive()
+        assert sampler.describe()["rss_peak"].startswith("kernel high-water mark")
+    finally:
+        sampler.stop()
+
+
+def test_without_a_resettable_high_water_mark_the_sampler_polls():
+    class Unusable(memory.HighWaterMark):
+        def reset(self) -> None:
+            raise PermissionError("clear_refs")
+
+    sampler = memory.Sampler(interval_s=0.01, hwm=Unusable()).start()
+    try:
+        assert sampler._thread.is_alive() and sampler.describe()["rss_peak"] == "polled"
+        before = _rss()
+        with sampler.phase("held"):
+            a = np.ones(200 * MB // 8)
+            time.sleep(0.3)  # held across many polls
+            del a
+    finally:
+        sampler.stop()
+    assert sampler.peaks["held"]["rss"] >= before + 180 * MB
+
+
+def _thread_cpu_s(native_id: int) -> float:
+    """The kernel's account of one thread's CPU time (utime + stime, in clock ticks)."""
+    fields = open(f"/proc/self/task/{native_id}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / HZ
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_the_guard_counts_its_own_thread_cpu_as_the_kernel_does(monkeypatch):
+    guard = NoiseGuard(interval_s=0.01)
+    monkeypatch.setattr(guard, "_sample", lambda: _burn(0.02))  # an expensive sample: 20 ms of CPU each
+    guard.start()
+    try:
+        time.sleep(1.0)
+        kernel = _thread_cpu_s(guard._thread.native_id)
+        counted = guard.cpu_s
+    finally:
+        guard._stop.set()
+        guard._thread.join()
+    assert kernel > 0.3  # it did burn
+    # the thread updates its count after each sample: at most one sample (20 ms) and a clock tick behind
+    assert counted == pytest.approx(kernel, abs=0.02 + 2 / HZ)
+
+
+def test_the_sampler_counts_its_own_thread_cpu_as_the_kernel_does(monkeypatch):
+    class Unusable(memory.HighWaterMark):
+        def usable(self) -> bool:
+            return False
+
+    sampler = memory.Sampler(interval_s=0.01, hwm=Unusable())
+    monkeypatch.setattr(sampler, "_record", lambda: _burn(0.02))
+    sampler.start()
+    try:
+        time.sleep(1.0)
+        kernel = _thread_cpu_s(sampler._thread.native_id)
+        counted = sampler.cpu_s
+    finally:
+        sampler.stop()
+    assert kernel > 0.3
+    assert counted == pytest.approx(kernel, abs=0.02 + 2 / HZ)
+
+
+def test_threads_started_elsewhere_are_not_counted():
+    """The count is the thread's own, not the process's: a busy main thread adds nothing to it."""
+    guard = NoiseGuard(interval_s=0.05).start()
+    try:
+        _burn(0.5)
+        time.sleep(0.1)
+    finally:
+        guard.stop()
+    assert guard.cpu_s < 0.1
+    assert threading.current_thread() is threading.main_thread()
