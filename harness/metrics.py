@@ -175,7 +175,8 @@ EMITTED: dict[str, tuple[str, ...]] = {
         "train.mfu", "train.peak_datasheet_tflops", "train.mfu_datasheet",
         # memory per device and in GB (claims), throughput statistics, the noise guard, estimate ratios
         "train.*_gib", "train.*_gb", "train.gpu*", "train.*tokens_per_s*", "train.step_*", "train.stalled_steps",
-        "train.timing_clean", "train.noise.*", "train.*_ratio", "train.mfu*", "train.*_tflops", "train.healthy",
+        "train.timing_clean", "train.noise.*", "train.instrumentation_*",
+        "train.*_ratio", "train.mfu*", "train.*_tflops", "train.healthy",
     ),
     "estimate": ("estimate.*_gib", "estimate.bits_per_param", "estimate.trainable_params",
                  "estimate.tokens_per_batch", "estimate.profiled_step_tokens"),
