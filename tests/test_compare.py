@@ -156,7 +156,7 @@ def test_cli_list(tmp_path: Path, capsys):
 
 
 # -- bases: a run's cases on the reference's bases, bit for bit ------------------------------------------------------
-REFERENCE_RUN = Path(__file__).resolve().parents[1] / "results" / "reference" / "cpu-amd-epyc-2core" / "20261123T163221Z-ref"
+REFERENCE_RUN = max((Path(__file__).resolve().parents[1] / "results" / "reference" / "cpu-amd-epyc-2core").glob("*-ref"))
 
 
 def _copy_run(src: Path, dst: Path, edit=None) -> Path:
@@ -203,11 +203,15 @@ def test_bases_built_on_another_instruction_set_or_torch_are_not_judged(tmp_path
     assert check.not_comparable and all("torch 2.99.0+cpu vs 2.13.0+cpu" in why for _, why in check.not_comparable)
     assert main(["bases", str(run), str(REFERENCE_RUN)]) == 0
 
-    def isa_only(d):  # a newer record names its instruction set, the reference does not
+    def isa_only(d):  # a newer record names its instruction set
         d["model"]["fingerprint"] = "f" * 16
         d["env"]["cpu"]["isa"] = "AVX2"
 
-    check = compare_bases(load_records(_copy_run(REFERENCE_RUN, tmp_path / "isa", isa_only)), load_baseline(REFERENCE_RUN))
+    def older(d):  # records from before the instruction set was recorded
+        d["env"]["cpu"].pop("isa", None)
+
+    old_reference = _copy_run(REFERENCE_RUN, tmp_path / "older", older)
+    check = compare_bases(load_records(_copy_run(REFERENCE_RUN, tmp_path / "isa", isa_only)), load_baseline(old_reference))
     assert check.different == [] and all("only one record names its isa" in w for _, w in check.not_comparable)
 
 
