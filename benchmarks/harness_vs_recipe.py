@@ -187,11 +187,7 @@ def harness_side(method: str, steps: int, warmup: int, ablate: list[str] | None 
             "timing_clean": rec.metrics.get("train.timing_clean")}
 
 
-def one(side: str, method: str, steps: int, warmup: int) -> dict:
-    return _one(side, method, steps, warmup)
-
-
-def _one(side: str, method: str, steps: int, warmup: int, extra: list[str] | None = None) -> dict:
+def one(side: str, method: str, steps: int, warmup: int, extra: list[str] | None = None) -> dict:
     """One side in a fresh process: ``recipe``, ``harness`` or ``harness-no-<part>[-<part>…]``."""
     cmd = [sys.executable, __file__, "--one", side, "--methods", method, "--steps", str(steps),
            "--warmup", str(warmup), *(extra or [])]
@@ -204,8 +200,7 @@ def compare_ops(a) -> int:
     input shapes, counts) on both sides, or the differences listed."""
     ok = True
     for method in a.methods:
-        cmd = ["--ops"]
-        got = {side: _one(side, method, a.steps, a.warmup, cmd) for side in ("harness", "recipe")}
+        got = {side: one(side, method, a.steps, a.warmup, ["--ops"]) for side in ("harness", "recipe")}
         h, r = got["harness"], got["recipe"]
         ops_h, ops_r = h["ops"], r["ops"]
         differ = sorted(k for k in ops_h.keys() | ops_r.keys() if ops_h.get(k) != ops_r.get(k))

@@ -5,7 +5,6 @@ themselves, checked against the kernel's per-thread accounting."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import numpy as np
@@ -69,12 +68,15 @@ def test_on_the_cpu_no_thread_polls_when_the_kernel_keeps_the_peak():
         sampler.stop()
 
 
-def test_without_a_resettable_high_water_mark_the_sampler_polls():
-    class Unusable(memory.HighWaterMark):
-        def reset(self) -> None:
-            raise PermissionError("clear_refs")
+class ResetRefused(memory.HighWaterMark):
+    """A kernel (or sandbox) that refuses to reset the high-water mark."""
 
-    sampler = memory.Sampler(interval_s=0.01, hwm=Unusable()).start()
+    def reset(self) -> None:
+        raise PermissionError("clear_refs")
+
+
+def test_without_a_resettable_high_water_mark_the_sampler_polls():
+    sampler = memory.Sampler(interval_s=0.01, hwm=ResetRefused()).start()
     try:
         assert sampler._thread.is_alive() and sampler.describe()["rss_peak"] == "polled"
         before = _rss()
@@ -99,37 +101,31 @@ def _burn(seconds: float) -> None:
         pass
 
 
+def _counted_and_kernel(watcher) -> tuple[float, float]:
+    """After a second of a started sampler or guard: its own count of its thread's CPU, and the kernel's."""
+    try:
+        time.sleep(1.0)
+        kernel = _thread_cpu_s(watcher._thread.native_id)
+        counted = watcher.cpu_s
+    finally:
+        watcher._stop.set()
+        watcher._thread.join()
+    assert kernel > 0.3  # it did burn
+    return counted, kernel
+
+
 def test_the_guard_counts_its_own_thread_cpu_as_the_kernel_does(monkeypatch):
     guard = NoiseGuard(interval_s=0.01)
     monkeypatch.setattr(guard, "_sample", lambda: _burn(0.02))  # an expensive sample: 20 ms of CPU each
-    guard.start()
-    try:
-        time.sleep(1.0)
-        kernel = _thread_cpu_s(guard._thread.native_id)
-        counted = guard.cpu_s
-    finally:
-        guard._stop.set()
-        guard._thread.join()
-    assert kernel > 0.3  # it did burn
+    counted, kernel = _counted_and_kernel(guard.start())
     # the thread updates its count after each sample: at most one sample (20 ms) and a clock tick behind
     assert counted == pytest.approx(kernel, abs=0.02 + 2 / HZ)
 
 
 def test_the_sampler_counts_its_own_thread_cpu_as_the_kernel_does(monkeypatch):
-    class Unusable(memory.HighWaterMark):
-        def usable(self) -> bool:
-            return False
-
-    sampler = memory.Sampler(interval_s=0.01, hwm=Unusable())
+    sampler = memory.Sampler(interval_s=0.01, hwm=ResetRefused())  # polls RSS
     monkeypatch.setattr(sampler, "_record", lambda: _burn(0.02))
-    sampler.start()
-    try:
-        time.sleep(1.0)
-        kernel = _thread_cpu_s(sampler._thread.native_id)
-        counted = sampler.cpu_s
-    finally:
-        sampler.stop()
-    assert kernel > 0.3
+    counted, kernel = _counted_and_kernel(sampler.start())
     assert counted == pytest.approx(kernel, abs=0.02 + 2 / HZ)
 
 
@@ -142,4 +138,3 @@ def test_threads_started_elsewhere_are_not_counted():
     finally:
         guard.stop()
     assert guard.cpu_s < 0.1
-    assert threading.current_thread() is threading.main_thread()

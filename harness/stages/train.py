@@ -84,7 +84,7 @@ def _callback(ctx: Context, counter: TokenCounter, sampler: memory.Sampler, warm
                 nv = sampler.nvml
                 self.guard = noise.NoiseGuard(nvml=nv.nv if nv else None, handles=nv.handles if nv else ()).start()
                 self.phase_t0, self.counter_s0 = entered, counter.own_s
-                self.sampler_cpu_s0 = getattr(sampler, "cpu_s", 0.0)
+                self.sampler_cpu_s0 = sampler.cpu_s
             sync(ctx.device)
             self.t0 = time.perf_counter()
             if self.phase_t0 is not None:
@@ -118,7 +118,7 @@ def _callback(ctx: Context, counter: TokenCounter, sampler: memory.Sampler, warm
             if self.phase_t0 is not None:
                 self.phase_wall_s = time.perf_counter() - self.phase_t0
                 self.inline_s += counter.own_s - self.counter_s0
-                self.threads_cpu_s = getattr(sampler, "cpu_s", 0.0) - self.sampler_cpu_s0
+                self.threads_cpu_s = sampler.cpu_s - self.sampler_cpu_s0
             if self.measured is not None:
                 self.measured.__exit__(None, None, None)
             if self.guard is not None:
