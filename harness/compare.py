@@ -33,7 +33,7 @@ from harness import methods, metrics
 from harness.records import Record, RecordError, baseline_record_paths, read_record, read_records, resolve_run
 
 BASELINES = "baselines"  # results/baselines/<tier>/
-__all__ = ["BASELINES", "BaseCheck", "Change", "Comparison", "RecordError", "build_kind", "compare",
+__all__ = ["BASELINES", "BaseCheck", "Change", "Comparison", "RecordError", "build_kind", "compare", "kind_apart",
            "compare_bases", "compare_runs", "load_baseline", "load_records", "vanished"]
 
 
@@ -221,14 +221,20 @@ def compare_runs(
     return out
 
 
-def build_kind(rec: Record) -> dict[str, Any]:
+def build_kind(rec: Record | Mapping[str, Any]) -> dict[str, Any]:
     """What a bit-for-bit rebuild of a base depends on: the processor (and its vector instruction set, where
-    the record names it), the accelerator and the numeric libraries' versions."""
-    env = rec.env or {}
+    the record names it), the accelerator and the numeric libraries' versions; of a record or an environment."""
+    env = (rec if isinstance(rec, Mapping) else rec.env) or {}
     cpu, gpu, versions = env.get("cpu") or {}, env.get("gpu") or {}, env.get("versions") or {}
     kind = {"cpu": cpu.get("name"), "isa": cpu.get("isa"), "gpu": gpu.get("name"), "device": env.get("device")}
     kind.update({lib: versions.get(lib) for lib in ("torch", "transformers", *methods.packages())})
     return kind
+
+
+def kind_apart(a: Record | Mapping[str, Any], b: Record | Mapping[str, Any]) -> list[str]:
+    """How two records or environments differ in ``build_kind``, where both name the field: ``torch 2.13 vs 2.12``."""
+    x, y = build_kind(a), build_kind(b)
+    return [f"{k} {x[k]} vs {y[k]}" for k in x if x[k] is not None and y[k] is not None and x[k] != y[k]]
 
 
 @dataclass
@@ -255,7 +261,7 @@ def compare_bases(new: list[Record], reference: Mapping[str, Record]) -> BaseChe
         if fp is None or old_fp is None:
             continue
         a, b = build_kind(rec), build_kind(old)
-        apart = [f"{k} {a[k]} vs {b[k]}" for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
+        apart = kind_apart(rec, old)
         unknown = [k for k in a if (a[k] is None) != (b[k] is None)]
         if apart:
             out.not_comparable.append((rec.case_id, "built on another kind of machine: " + ", ".join(apart)))

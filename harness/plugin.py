@@ -27,6 +27,10 @@ def pytest_addoption(parser):
                     help="a run id, run folder or results/baselines/<tier> folder to compare each case with")
     group.addoption("--run-id", default=None, help="name of the run folder under results/ (default: time-host)")
     group.addoption("--results-dir", default="results", help="where run folders are written")
+    group.addoption("--extends", default=None, metavar="RUN",
+                    help="pool this run with an earlier run (its id under --results-dir) of the same suites on the "
+                         "same kind of machine: only the cases it lacks run (more seeds, or cases it lost to an "
+                         "error or interruption), and the stats, report and headline cover both")
     group.addoption("--reports-dir", default="reports", help="where HTML reports are written")
     group.addoption("--no-report", action="store_true", help="do not render HTML at the end of the session")
     group.addoption("--require-idle-gpu", action="store_true",
@@ -86,10 +90,11 @@ def pytest_configure(config):
         if run_id and not worker and (results / run_id).exists():
             raise ValueError(f"--run-id {run_id}: {results / run_id} already exists (a run folder is never reused)")
         baseline = _load_baseline(config.getoption("baseline"), results)
+        extends, extended = _load_extended(config.getoption("extends"), results)
     except ValueError as exc:
         raise pytest.UsageError(one_line(exc, 400)) from None
     run = Run(results_dir=results, run_id=run_id or "", tier=tier, budget_gib=budget, tier_why=why,
-              joined=worker, baseline=baseline)
+              joined=worker, baseline=baseline, extends=extends, extended=extended)
     from harness.measure.machine import memory_budget_gib
 
     gpu_mem = memory_budget_gib()
@@ -111,6 +116,59 @@ def _load_baseline(ref: str | None, results: Path):
         return load_baseline(ref, results)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:  # RecordError is a ValueError
         raise ValueError(f"--baseline {one_line(ref, 100)}: {one_line(exc, 300)}") from None
+
+
+def _load_extended(ref: str | None, results: Path) -> tuple[str, dict]:
+    """(run id, records by case id) of the run ``--extends`` names, pooled with the runs it extends itself.
+
+    One-line ValueError unless it is a run folder under ``results`` measured on this kind of machine (processor,
+    instruction set, GPU, numeric libraries: ``compare.build_kind``), since seeds pooled across kernels mix
+    two machines' numbers.
+    """
+    if ref is None:
+        return "", {}
+    from harness.compare import kind_apart
+    from harness.measure.machine import environment
+    from harness.records import read_run_records
+
+    try:
+        folder = results / check_name(str(ref), "--extends")
+        if not (folder / "run.json").is_file():
+            raise ValueError(f"no run folder {folder}")
+        records = {r.case_id: r for r in read_run_records(folder)}
+    except ValueError as exc:  # RecordError is a ValueError
+        raise ValueError(f"--extends {one_line(ref, 100)}: {one_line(exc, 300)}") from None
+    here = environment()
+    for rec in records.values():
+        if apart := kind_apart(here, rec):
+            raise ValueError(f"--extends {ref}: {rec.case_id} was measured on another kind of machine "
+                             f"({'; '.join(apart)}): seeds from both cannot be pooled")
+    return folder.name, records
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """With ``--extends``: deselect the cases the earlier run measured, after checking they are the same cases."""
+    run = config.stash.get(RUN_KEY, None)
+    if run is None or not run.extended:
+        return
+    import json
+
+    kept, done = [], []
+    for item in items:
+        old = run.already_measured(item.case) if isinstance(item, CaseItem) else None
+        if old is None:
+            kept.append(item)
+            continue
+        now, then = (json.dumps(p, sort_keys=True, default=str) for p in (item.case.params, old.params))
+        if json.loads(now) != json.loads(then):
+            differ = sorted(k for k in set(item.case.params) | set(old.params)
+                            if json.loads(now).get(k) != json.loads(then).get(k))
+            raise pytest.UsageError(f"--extends {run.extends}: {item.case.case_id} ran there with other settings "
+                                    f"({', '.join(differ)[:200]}): a run extends only the same suites")
+        done.append(item)
+    if done:
+        config.hook.pytest_deselected(items=done)
+        items[:] = kept
 
 
 class _XdistHooks:
@@ -199,7 +257,7 @@ class HarnessItem(pytest.Item):
     def ran_cases(self):
         """(the run, this item's cases selected in this session for this machine); skips when there are none."""
         run = self.config.stash[RUN_KEY]
-        selected = {i.case.case_id for i in self.session.items if isinstance(i, CaseItem)}
+        selected = {i.case.case_id for i in self.session.items if isinstance(i, CaseItem)} | set(run.extended)
         cases = [c for c in self.cases if c.case_id in selected and run.not_selected(c) is None]
         if not cases:
             pytest.skip("none of its cases ran in this session")

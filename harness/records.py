@@ -220,6 +220,39 @@ def read_records(run_dir: Path, suite: str | None = None) -> list[Record]:
 
 iter_records = read_records  # the older name
 
+# A run may extend an earlier run of the same suites on the same kind of machine (``pytest --extends RUN``):
+# it measures only the cases the earlier run lacks (more seeds, or cases an interruption or crash cut off),
+# and its statistics, report and headline pool both. ``run.json`` names the earlier run ("extends"), a
+# sibling folder; records are never copied.
+RERUN = ("error", "interrupted", "killed")  # an extension measures these cases again; any other status stands
+
+
+def run_chain(run_dir: Path) -> list[Path]:
+    """The run folder, then the run it extends, and so on (newest first); RecordError on a missing or looping link."""
+    chain = [Path(run_dir)]
+    while name := read_run_meta(chain[-1]).get("extends"):
+        try:
+            nxt = chain[-1].parent / check_name(name, "extends")
+        except ValueError as exc:
+            raise RecordError(f"{chain[-1] / RUN_FILE}: {exc}") from None
+        if not (nxt / RUN_FILE).is_file():
+            raise RecordError(f"{chain[-1] / RUN_FILE}: extends {name}, which is not a run folder beside it")
+        if any(nxt.resolve() == d.resolve() for d in chain):
+            raise RecordError(f"{chain[-1] / RUN_FILE}: extends {name}, which extends it back")
+        chain.append(nxt)
+    return chain
+
+
+def read_run_records(run_dir: Path, suite: str | None = None) -> list[Record]:
+    """A run's records pooled with those of the runs it extends (``run_chain``); where a case was measured
+    again (an extension re-runs the ``RERUN`` statuses) the newer record stands. Oldest run's cases first."""
+    by_id: dict[str, Record] = {}
+    for folder in reversed(run_chain(run_dir)):
+        for rec in read_records(folder, suite):
+            by_id.pop(rec.case_id, None)
+            by_id[rec.case_id] = rec
+    return list(by_id.values())
+
 
 def read_run_meta(run_dir: Path) -> dict[str, Any]:
     """``run.json`` of a run folder ({} when absent); its run id must be a safe name."""

@@ -20,6 +20,7 @@ from typing import Any
 from harness.expect import check_case, check_ratio
 from harness.matrix import Case
 from harness.records import (
+    RERUN,
     WORK,
     ExpectationResult,
     Record,
@@ -167,12 +168,14 @@ class CrossCase:
 
     run_dir: Path
     reference: str = ""  # the method others are compared with; default: harness.methods.REFERENCE
+    extended: dict[str, Record] = field(default_factory=dict)  # the records of the run this one extends
 
     def records(self, suite: str | None = None) -> dict[str, Record]:
-        """The records written so far in this run (all workers'), by case id."""
-        if not self.run_dir.exists():
-            return {}
-        return {r.case_id: r for r in read_records(self.run_dir, suite)}
+        """The records written so far in this run (all workers'), by case id, over those of the run it extends."""
+        out = {k: r for k, r in self.extended.items() if suite is None or r.suite == suite}
+        if self.run_dir.exists():
+            out.update({r.case_id: r for r in read_records(self.run_dir, suite)})
+        return out
 
     def gap_to_reference(self, case: Case, record: Record) -> None:
         """Accuracy gap of this adapter to the reference adapter of the same other settings, when that ran first."""
@@ -217,6 +220,8 @@ class Run:
     machine_fits: bool = True
     joined: bool = False  # an xdist worker: the controller made the folder, this process adds to it
     baseline: dict[str, Record] | None = None
+    extends: str = ""  # the earlier run (a sibling folder) whose records this run pools, measuring only what it lacks
+    extended: dict[str, Record] = field(default_factory=dict)  # its records (and its own extended runs'), by case id
     started: bool = False
     executed: list[str] = field(default_factory=list)
 
@@ -249,6 +254,8 @@ class Run:
         self.claim()
         info = {"run_id": self.run_id, "started_at": utcnow(), "tier": self.tier, "budget_gib": self.budget_gib,
                 "tier_why": self.tier_why, "env": environment(), **(meta or {})}
+        if self.extends:
+            info["extends"] = self.extends
         try:
             write_json_atomic(self.dir / "run.json", info)
         except FileExistsError:
@@ -277,7 +284,7 @@ class Run:
             if dispatcher.interrupted is not None:
                 write_record(self.dir, dispatcher.interrupted)
             raise
-        cross = CrossCase(self.dir)
+        cross = CrossCase(self.dir, extended=self.extended)
         cross.gap_to_reference(case, record)
         Expectations(baseline if baseline is not None else self.baseline).check(case, suite, record)
         write_record(self.dir, record)
@@ -285,10 +292,15 @@ class Run:
         return record
 
     def records(self, suite: str | None = None) -> dict[str, Record]:
-        return CrossCase(self.dir).records(suite)
+        return CrossCase(self.dir, extended=self.extended).records(suite)
+
+    def already_measured(self, case: Case) -> Record | None:
+        """The extended run's record of this case, unless its status asks for measuring it again (``RERUN``)."""
+        rec = self.extended.get(case.case_id)
+        return rec if rec is not None and rec.status not in RERUN else None
 
     def check_ratio(self, exp: RatioExpectation, cases: list[Case], wait_s: float = 0.0):
-        return CrossCase(self.dir).check_ratio(exp, cases, wait_s)
+        return CrossCase(self.dir, extended=self.extended).check_ratio(exp, cases, wait_s)
 
 
 def _slug(text: str) -> str:

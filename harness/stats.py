@@ -689,10 +689,10 @@ def write_run_stats(run_dir, records: Iterable[Any] | None = None, references: M
     import json
     from pathlib import Path
 
-    from harness.records import iter_records, slug, write_json_atomic
+    from harness.records import read_run_records, slug, write_json_atomic
 
     folder = Path(run_dir) / "stats"
-    records = list(records) if records is not None else list(iter_records(run_dir))
+    records = list(records) if records is not None else list(read_run_records(run_dir))
     refs: dict[str, str] = {}
     for p in sorted(folder.glob("references.*.json")):
         refs.update(json.loads(p.read_text()))

@@ -124,3 +124,50 @@ def test_baseline_regression_fails_the_case(project, factor, fails):
         assert rec["status"] == "failed" and "quant.rmse regressed" in rec["message"]
     else:
         result.assert_outcomes(passed=2)
+
+
+def test_extends_runs_only_the_missing_seeds_and_pools_them(project):
+    """``--extends`` adds seeds to an earlier run: only the new cases run, a case lost to an error runs again,
+    and stats, report and headline pool both runs; a bad or foreign earlier run is a one-line usage error."""
+    suite = QUANT_SUITE.replace("  - {ratio", "  # - {ratio") + "replicates: 3\n"
+    (project.path / "suites" / "q.yaml").write_text(suite)
+    project.runpytest_subprocess("suites/", "--run-id", "first", "-k", "seed0", "--no-report").assert_outcomes(passed=2)
+    first = project.path / "results" / "first"
+    lost = json.loads((first / "q__qlora-nf4-seed0.json").read_text())  # pretend a crash lost this case
+    (first / "q__qlora-nf4-seed0.json").write_text(json.dumps({**lost, "status": "error", "metrics": {}}))
+
+    result = project.runpytest_subprocess("suites/", "-v", "--run-id", "more", "--extends", "first")
+    result.assert_outcomes(passed=5, deselected=1)  # seeds 1 and 2 of both methods, and the lost case again
+    result.stdout.fnmatch_lines(["*q[[]qlora-nf4-seed0[]] PASSED*"])
+    assert "q[qlora-fp4-seed0] PASSED" not in result.stdout.str()
+    more = project.path / "results" / "more"
+    assert json.loads((more / "run.json").read_text())["extends"] == "first"
+    assert sorted(p.name for p in more.glob("q__*.json")) == [
+        "q__qlora-fp4-seed1.json", "q__qlora-fp4-seed2.json",
+        "q__qlora-nf4-seed0.json", "q__qlora-nf4-seed1.json", "q__qlora-nf4-seed2.json"]
+    groups = json.loads((more / "stats" / "q.json").read_text())["groups"]
+    assert groups["q[qlora-fp4]"]["seeds"] == [0, 1, 2] and groups["q[qlora-nf4]"]["seeds"] == [0, 1, 2]
+    from harness.records import read_run_records
+
+    pooled = {r.case_id: r.run_id for r in read_run_records(more)}
+    assert pooled["q[qlora-fp4-seed0]"] == "first" and pooled["q[qlora-nf4-seed0]"] == "more"
+    assert "q[qlora-fp4-seed0]" in (project.path / "reports" / "more.html").read_text()
+
+    # an earlier run that is not there, or was measured on another kind of machine, is refused in one line
+    bad = project.runpytest_subprocess("suites/", "--run-id", "x", "--extends", "nosuch")
+    assert bad.ret != 0
+    bad.stderr.fnmatch_lines(["ERROR: --extends nosuch: no run folder */nosuch"])
+    # the same case ids with other settings are other measurements: refused rather than pooled
+    (project.path / "suites" / "q.yaml").write_text(suite + "settings: {blocksize: 128}\n")
+    bad = project.runpytest_subprocess("suites/", "--run-id", "z", "--extends", "first")
+    assert bad.ret != 0
+    bad.stderr.fnmatch_lines(["ERROR: --extends first: q[[]qlora-fp4-seed0[]] ran there with other settings (blocksize)*"])
+    (project.path / "suites" / "q.yaml").write_text(suite)
+    rec = json.loads((first / "q__qlora-fp4-seed0.json").read_text())
+    rec["env"]["versions"]["torch"] = "1.0.0"
+    (first / "q__qlora-fp4-seed0.json").write_text(json.dumps(rec))
+    bad = project.runpytest_subprocess("suites/", "--run-id", "y", "--extends", "first")
+    assert bad.ret != 0
+    bad.stderr.fnmatch_lines(["ERROR: --extends first: q[[]qlora-fp4-seed0[]] was measured on another kind of "
+                              "machine (torch * vs 1.0.0): seeds from both cannot be pooled"])
+    assert not any((project.path / "results" / name).exists() for name in "xyz")

@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.records import Record, RecordError, check_name, read_records, read_run_meta, write_text_atomic
+from harness.records import (
+    Record,
+    RecordError,
+    check_name,
+    read_run_meta,
+    read_run_records,
+    write_text_atomic,
+)
 
 __all__ = ["STATUSES", "Run", "case_label", "env_items", "git_text", "load_run", "machine", "write_text_atomic"]
 STATUSES = ("passed", "failed", "oom", "killed", "interrupted", "error", "skipped")
@@ -57,7 +64,7 @@ def load_run(path: Path) -> Run:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a run folder")
     meta = read_run_meta(path)
-    records = sorted(read_records(path), key=lambda r: (r.started_at or "~", r.case_id))
+    records = sorted(read_run_records(path), key=lambda r: (r.started_at or "~", r.case_id))  # with extended runs
     return Run(path, meta, records)
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 from harness import metrics as M
 from harness import stats
 from harness.methods import METHODS
-from harness.records import Record, iter_records
+from harness.records import Record, read_run_records
 
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"
 
@@ -93,7 +94,7 @@ def table(run_dir: Path, suite: str = "smoke") -> str:
     Replicate groups show mean ± the half-width of the 95% interval over seeds; differences to the reference
     method come with their paired interval, and a verdict line per method follows the table.
     """
-    records = sorted((r for r in iter_records(run_dir) if r.suite == suite),
+    records = sorted((r for r in read_run_records(run_dir) if r.suite == suite),
                      key=lambda r: _order(r.method))
     groups = stats.groups(records) or []
     ref = _reference(run_dir, suite)
@@ -132,9 +133,17 @@ def table(run_dir: Path, suite: str = "smoke") -> str:
     steps = sorted({int(r.params["max_steps"]) for r in records if r.params.get("max_steps")})
     setup = "".join([f", compute {'/'.join(dtypes)}" if dtypes else "",
                      f", {'/'.join(map(str, steps))} training steps" if steps else ""])
-    lines.append(f"Measured on {gpu}{setup}; {versions}; run `{records[0].run_id if records else ''}`, suite `{suite}`."
+    lines.append(f"Measured on {gpu}{setup}; {versions}; {runs_text(records)}, suite `{suite}`."
                  f"{intervals}")
     return "\n".join(lines)
+
+
+def runs_text(records: list[Record]) -> str:
+    """``run `A` `` or, for a run that extends another, ``runs `A` (30 cases) + `B` (30 cases)``."""
+    counts = Counter(r.run_id for r in records)
+    if len(counts) < 2:
+        return f"run `{next(iter(counts), '')}`"
+    return "runs " + " + ".join(f"`{run}` ({n} cases)" for run, n in sorted(counts.items()))
 
 
 def _reference(run_dir: Path, suite: str) -> str:
@@ -214,7 +223,7 @@ def merge_costs(run_dir: Path, suite: str = "merge", quality: str = MERGE_QUALIT
     """
     from harness.methods.merge import MERGED
 
-    records = sorted((r for r in iter_records(run_dir) if r.suite == suite and r.status in ("passed", "failed")),
+    records = sorted((r for r in read_run_records(run_dir) if r.suite == suite and r.status in ("passed", "failed")),
                      key=lambda r: _order(r.method))
     records = [r for r in records if any(k.startswith(M.merge_metric(s)) for s in MERGED for k in r.metrics)]
     lines = ["| method | unmerged: size, decode tokens/s (batch 1) | " + " | ".join(MERGED) + " |",
@@ -225,15 +234,15 @@ def merge_costs(run_dir: Path, suite: str = "merge", quality: str = MERGE_QUALIT
         unmerged = " · ".join(p for p in (f"{size / 1e6:.1f} MB" if size else "",
                                           f"{tps:,.0f} tokens/s" if tps else "") if p)
         lines.append(f"| {r.method} | {unmerged} | " + " | ".join(_merge_cell(m, s, quality) for s in MERGED) + " |")
-    run_id = records[0].run_id if records else ""
-    lines += ["", f"Run `{run_id}`, suite `{suite}`, one seed: KL in nats per token of held-out text from the "
+    runs = runs_text(records)
+    lines += ["", f"{runs[0].upper()}{runs[1:]}, suite `{suite}`, one seed: KL in nats per token of held-out text from the "
                   f"unmerged adapter; `{quality}` change against the unmerged adapter (lower bits/byte is better); "
                   "decode speed relative to the unmerged adapter; an empty cell: the strategy does not apply."]
     return "\n".join(lines)
 
 
 def has_suite(run_dir: Path, suite: str) -> bool:
-    return any(r.suite == suite for r in iter_records(run_dir))
+    return any(r.suite == suite for r in read_run_records(run_dir))
 
 
 def update_merge(readme: Path, run_dir: Path, suite: str = "merge") -> None:
