@@ -129,7 +129,8 @@ def test_baseline_regression_fails_the_case(project, factor, fails):
 def test_extends_runs_only_the_missing_seeds_and_pools_them(project):
     """``--extends`` adds seeds to an earlier run: only the new cases run, a case lost to an error runs again,
     and stats, report and headline pool both runs; a bad or foreign earlier run is a one-line usage error."""
-    suite = QUANT_SUITE.replace("  - {ratio", "  # - {ratio") + "replicates: 3\n"
+    # compute_dtype auto: the records keep what it resolved to, which must still count as the same setting
+    suite = QUANT_SUITE.replace("  - {ratio", "  # - {ratio") + "replicates: 3\nsettings: {compute_dtype: auto}\n"
     (project.path / "suites" / "q.yaml").write_text(suite)
     project.runpytest_subprocess("suites/", "--run-id", "first", "-k", "seed0", "--no-report").assert_outcomes(passed=2)
     first = project.path / "results" / "first"
@@ -151,14 +152,15 @@ def test_extends_runs_only_the_missing_seeds_and_pools_them(project):
 
     pooled = {r.case_id: r.run_id for r in read_run_records(more)}
     assert pooled["q[qlora-fp4-seed0]"] == "first" and pooled["q[qlora-nf4-seed0]"] == "more"
-    assert "q[qlora-fp4-seed0]" in (project.path / "reports" / "more.html").read_text()
+    html = (project.path / "reports" / "more.html").read_text()
+    assert "q[qlora-fp4-seed0]" in html and "<code>first</code>: 1 of these cases were measured there" in html
 
     # an earlier run that is not there, or was measured on another kind of machine, is refused in one line
     bad = project.runpytest_subprocess("suites/", "--run-id", "x", "--extends", "nosuch")
     assert bad.ret != 0
     bad.stderr.fnmatch_lines(["ERROR: --extends nosuch: no run folder */nosuch"])
     # the same case ids with other settings are other measurements: refused rather than pooled
-    (project.path / "suites" / "q.yaml").write_text(suite + "settings: {blocksize: 128}\n")
+    (project.path / "suites" / "q.yaml").write_text(suite.replace("{compute_dtype: auto}", "{compute_dtype: auto, blocksize: 128}"))
     bad = project.runpytest_subprocess("suites/", "--run-id", "z", "--extends", "first")
     assert bad.ret != 0
     bad.stderr.fnmatch_lines(["ERROR: --extends first: q[[]qlora-fp4-seed0[]] ran there with other settings (blocksize)*"])

@@ -331,18 +331,19 @@ def test_noninferiority_items_run_after_their_groups(project):
     assert outcomes == {"quant.rmse:qlora-fp4~qlora-nf4": "fail", "loose": "pass"}
 
 
-def _replicated_run(tmp_path):
+def _replicated_run(tmp_path, run_id="rep", seeds=(0, 1, 2), nf4_acc=0.50, extends=None):
     """A run folder: lora-bf16 and qlora-nf4, seeds 0-2, per-item rows; qlora-nf4 0.25 worse on 400 items."""
     from harness.records import write_json_atomic, write_record
 
-    rng = np.random.default_rng(2)
-    b = rng.uniform(-0.1, 0.1, 400)
-    run = tmp_path / "rep"
-    write_json_atomic(run / "run.json", {"run_id": "rep", "started_at": "2026-11-23T10:00:00+00:00"})
-    for s, tps in zip((0, 1, 2), (1000.0, 1100.0, 1200.0), strict=True):
-        for method, acc, scale in (("lora-bf16", 0.75, 1.0), ("qlora-nf4", 0.50, 0.8)):
+    rng = np.random.default_rng(2 + seeds[0])
+    b = np.random.default_rng(2).uniform(-0.1, 0.1, 400)  # the items' difficulty: the same eval in every run
+    run = tmp_path / run_id
+    write_json_atomic(run / "run.json", {"run_id": run_id, "started_at": "2026-11-23T10:00:00+00:00",
+                                         **({"extends": extends} if extends else {})})
+    for s, tps in zip(seeds, (1000.0, 1100.0, 1200.0), strict=True):
+        for method, acc, scale in (("lora-bf16", 0.75, 1.0), ("qlora-nf4", nf4_acc, 0.8)):
             rec = _record(method, s, rng.random(400) < acc + b, tokens_per_s=tps * scale, suite="smoke")
-            rec.run_id = "rep"
+            rec.run_id = run_id
             rec.metrics["eval.support_mc.base_acc"] = 0.25
             rec.params.update(compute_dtype="fp32", max_steps=600)
             write_record(run, rec)
@@ -362,6 +363,23 @@ def test_headline_shows_intervals_differences_and_generated_verdicts(tmp_path):
     assert 0.2 < worse < 0.3
     assert "±: 95% intervals over 3 seeds; Δ brackets: 95% intervals" in text  # one method compared: no family
     assert ", compute fp32, 600 training steps;" in text  # the setup the numbers hold for, from the records
+    assert "Replication" not in text and "run `rep`, suite `smoke`" in text  # one run: nothing to replicate
+
+
+def test_a_run_that_extends_another_shows_whether_its_seeds_repeat_the_finding(tmp_path):
+    """Seeds 0-2 find qlora-nf4 0.25 worse; seeds 3-5 of an extension find it as good as lora-bf16. The pooled
+    table says what all six seeds give, and a generated line says each run's seeds alone disagree."""
+    from harness.report import headline
+
+    _replicated_run(tmp_path, "r1")
+    more = _replicated_run(tmp_path, "r2", seeds=(3, 4, 5), nf4_acc=0.75, extends="r1")
+    text = headline.table(more, "smoke")
+    assert "| lora-bf16 (n=6) |" in text and "runs `r1` (6 cases) + `r2` (6 cases), suite `smoke`" in text
+    line = next(x for x in text.splitlines() if x.startswith("- qlora-nf4 against lora-bf16, support_mc acc: "))
+    first, second = line.split("; `r2` alone")
+    assert first.startswith("- qlora-nf4 against lora-bf16, support_mc acc: `r1` alone (seeds 0–2): worse by")
+    assert second.startswith(" (seeds 3–5): no detectable difference within")
+    assert "; pooled: " in line and line.endswith(".")
 
 
 def test_report_draws_error_bars_and_the_difference_chart(tmp_path):

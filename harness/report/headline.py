@@ -117,6 +117,7 @@ def table(run_dir: Path, suite: str = "smoke") -> str:
     verdicts = _verdicts(groups, diffs, ref)
     if verdicts:
         lines += ["", *verdicts]
+    lines += replication(records, groups, diffs, suite, ref)
     env = records[0].env if records else {}
     gpu = (env.get("gpu") or {}).get("name") or f"CPU: {(env.get('cpu') or {}).get('name')}"
     v = env.get("versions", {})
@@ -170,6 +171,49 @@ def _verdicts(groups: list[stats.Group], diffs: dict, ref: str) -> list[str]:
         if parts:
             out.append(f"- {g.method} against {ref}: " + "; ".join(parts) + ".")
     return out
+
+
+def _detects(d: dict | None) -> bool:
+    return bool(d) and d.get("lo") is not None and d.get("hi") is not None and not d["lo"] <= 0 <= d["hi"]
+
+
+def _seeds_text(seeds: list[int]) -> str:
+    seeds = sorted(seeds)
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"seeds {seeds[0]}–{seeds[-1]}"
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
+def replication(records: list[Record], groups: list[stats.Group], pooled: dict, suite: str, ref: str) -> list[str]:
+    """For a table pooling several runs (``--extends``): each run's own seeds judged alone, wherever one of them
+    or the pooled seeds detect a difference, so a finding shows whether independent seeds repeat it."""
+    by_run: dict[str, list[Record]] = {}
+    for r in records:
+        by_run.setdefault(r.run_id, []).append(r)
+    if len(by_run) < 2:
+        return []
+    alone = {run: {(d["group"], d["metric"]): d for d in
+                   stats.run_stats(rs, {suite: ref}).get("suites", {}).get(suite, {}).get("differences", [])}
+             for run, rs in sorted(by_run.items())}
+    out = []
+    for g in groups:
+        for metric, _ in DIFFERENCES:
+            key = (g.group_id, metric)
+            if not any(_detects(d.get(key)) for d in (pooled, *alone.values())):
+                continue
+            label = metric.removeprefix("eval.").replace(".", " ")
+            parts = []
+            for run, diffs in alone.items():
+                d = diffs.get(key)
+                seeds = [int(r.params.get("seed") or 0) for r in g.records if r.run_id == run]
+                parts.append(f"`{run}` alone ({_seeds_text(seeds)}): {d['verdict'] if d else 'not compared'}")
+            pooled_text = pooled[key]["verdict"] if key in pooled else "not compared"
+            out.append(f"- {g.method} against {ref}, {label}: " + "; ".join(parts) + f"; pooled: {pooled_text}.")
+    shown = " or ".join(m.removeprefix("eval.").replace(".", " ") for m, _ in DIFFERENCES)
+    head = ("Replication: the pooled runs' seeds judged run by run, for every difference that any run's seeds or "
+            "the pooled seeds detect:" if out else
+            f"Replication: no run's seeds alone detect a difference on {shown}, nor do the pooled seeds.")
+    return ["", head, *out]
 
 
 def embedded(readme: Path, start: str = START, end: str = END) -> str:

@@ -105,7 +105,19 @@ def _run_summary(run: Run) -> dict[str, Any]:
         "suites": run.suites,
         "tier": run.meta.get("tier") or "",
         "tier_why": run.meta.get("tier_why") or "",
+        "pooled": _pooled(run),
     }
+
+
+def _pooled(run: Run) -> list[dict[str, Any]]:
+    """The earlier runs a run extends (``--extends``) whose records its tables and statistics pool: run id,
+    cases and commit of each; [] for a run that stands alone."""
+    out: dict[str, dict[str, Any]] = {}
+    for rec in run.records:
+        if rec.run_id != run.run_id:
+            entry = out.setdefault(rec.run_id, {"run_id": rec.run_id, "cases": 0, "git": git_text(rec.env or {})})
+            entry["cases"] += 1
+    return sorted(out.values(), key=lambda e: e["run_id"])
 
 
 def _model_text(model: dict[str, Any]) -> str:
