@@ -664,6 +664,21 @@ def run_stats(records: Iterable[Any], references: Mapping[str, str] | None = Non
     return out
 
 
+def run_by_run(records: Iterable[Any], suite: str, reference: str = REFERENCE) -> dict[str, dict[tuple[str, str], dict]]:
+    """For records pooled from several runs (``--extends``): each run's differences to the reference computed from
+    its own seeds alone, ``{run id: {(group id, metric): difference}}`` (``run_stats``'s dicts, verdict included);
+    {} for the records of one run. Independent seeds that repeat a finding are the check a pooled table needs."""
+    by_run: dict[str, list[Any]] = {}
+    for r in records:
+        if r.suite == suite:
+            by_run.setdefault(r.run_id, []).append(r)
+    if len(by_run) < 2:
+        return {}
+    return {run: {(d["group"], d["metric"]): d for d in
+                  run_stats(rs, {suite: reference}).get("suites", {}).get(suite, {}).get("differences", [])}
+            for run, rs in sorted(by_run.items())}
+
+
 def as_json(value: Any) -> dict[str, Any]:
     """A result dataclass (Difference, Ratio, GroupChange) as a JSON-ready dict."""
     return _clean(asdict(value))

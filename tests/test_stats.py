@@ -380,6 +380,11 @@ def test_a_run_that_extends_another_shows_whether_its_seeds_repeat_the_finding(t
     assert first.startswith("- qlora-nf4 against lora-bf16, support_mc acc: `r1` alone (seeds 0–2): worse by")
     assert second.startswith(" (seeds 3–5): no detectable difference within")
     assert "; pooled: " in line and line.endswith(".")
+    from harness.report import render_run
+
+    page = render_run(more, tmp_path / "reports").read_text()  # the report's differences table splits them too
+    row = page[page.index("<td class=\"alone\">"):][:400]
+    assert "r1 (seeds 0–2): worse by" in row and "r2 (seeds 3–5): no detectable difference" in row
 
 
 def test_report_draws_error_bars_and_the_difference_chart(tmp_path):

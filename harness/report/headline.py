@@ -177,8 +177,9 @@ def _detects(d: dict | None) -> bool:
     return bool(d) and d.get("lo") is not None and d.get("hi") is not None and not d["lo"] <= 0 <= d["hi"]
 
 
-def _seeds_text(seeds: list[int]) -> str:
-    seeds = sorted(seeds)
+def seeds_text(group: stats.Group, run: str) -> str:
+    """``seeds 0–4``: the seeds of a replicate group that one run measured."""
+    seeds = sorted(int(r.params.get("seed") or 0) for r in group.records if r.run_id == run)
     if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
         return f"seeds {seeds[0]}–{seeds[-1]}"
     return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
@@ -187,14 +188,9 @@ def _seeds_text(seeds: list[int]) -> str:
 def replication(records: list[Record], groups: list[stats.Group], pooled: dict, suite: str, ref: str) -> list[str]:
     """For a table pooling several runs (``--extends``): each run's own seeds judged alone, wherever one of them
     or the pooled seeds detect a difference, so a finding shows whether independent seeds repeat it."""
-    by_run: dict[str, list[Record]] = {}
-    for r in records:
-        by_run.setdefault(r.run_id, []).append(r)
-    if len(by_run) < 2:
+    alone = stats.run_by_run(records, suite, ref)
+    if not alone:
         return []
-    alone = {run: {(d["group"], d["metric"]): d for d in
-                   stats.run_stats(rs, {suite: ref}).get("suites", {}).get(suite, {}).get("differences", [])}
-             for run, rs in sorted(by_run.items())}
     out = []
     for g in groups:
         for metric, _ in DIFFERENCES:
@@ -205,8 +201,7 @@ def replication(records: list[Record], groups: list[stats.Group], pooled: dict, 
             parts = []
             for run, diffs in alone.items():
                 d = diffs.get(key)
-                seeds = [int(r.params.get("seed") or 0) for r in g.records if r.run_id == run]
-                parts.append(f"`{run}` alone ({_seeds_text(seeds)}): {d['verdict'] if d else 'not compared'}")
+                parts.append(f"`{run}` alone ({seeds_text(g, run)}): {d['verdict'] if d else 'not compared'}")
             pooled_text = pooled[key]["verdict"] if key in pooled else "not compared"
             out.append(f"- {g.method} against {ref}, {label}: " + "; ".join(parts) + f"; pooled: {pooled_text}.")
     shown = " or ".join(m.removeprefix("eval.").replace(".", " ") for m, _ in DIFFERENCES)

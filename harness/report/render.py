@@ -181,7 +181,7 @@ def _stats_view(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
     import json
 
     from harness import stats
-    from harness.report.headline import _reference
+    from harness.report.headline import _reference, seeds_text
 
     ref = _reference(run_dir, suite)
     st = stats.run_stats(records, {suite: ref}).get("suites", {}).get(suite, {})
@@ -194,9 +194,14 @@ def _stats_view(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
         k = k if k is not None else stats.digits_for((d["hi"] - d["lo"]) / 2)
         return f"{d['estimate']:+.{k}f} [{d['lo']:+.{k}f}, {d['hi']:+.{k}f}]"
 
+    alone = stats.run_by_run(records, suite, ref)  # several runs pooled: each run's seeds judged alone too
+    by_group = {g.group_id: g for g in stats.groups(records)}
     diffs = [{"method": d["method"], "metric": d["metric"], "text": interval(d), "verdict": d["verdict"],
               "basis": (f"{d['n_seeds'][0]}+{d['n_seeds'][1]} seeds" + (" paired" if d["paired_seeds"] else "")
-                        + (f" × {d['n_items']} items" if d["n_items"] else ""))}
+                        + (f" × {d['n_items']} items" if d["n_items"] else "")),
+              "alone": [f"{run} ({seeds_text(by_group[d['group']], run)}): "
+                        + (per[(d["group"], d["metric"])]["verdict"] if (d["group"], d["metric"]) in per else "not compared")
+                        for run, per in alone.items() if d["group"] in by_group]}
              for d in st.get("differences", [])]
     ratios = [{"method": r["method"], "metric": r["metric"],
                "text": f"{r['estimate']:.3f}×" + (f" [{r['lo']:.3f}, {r['hi']:.3f}]" if r.get("lo") is not None else ""),
@@ -211,7 +216,7 @@ def _stats_view(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
             checks += [{"name": data.get("name", p.stem), **r} for r in data.get("results", [])]
     replicated = any(len(g.records) > 1 for g in stats.groups(records))
     return {"reference": ref, "differences": diffs, "ratios": ratios if replicated else [], "checks": checks,
-            "family_size": st.get("family_size", 1)}
+            "family_size": st.get("family_size", 1), "runs": list(alone)}
 
 
 def _stale(page: Path, run_dir: Path) -> bool:
