@@ -185,6 +185,13 @@ def seeds_text(group: stats.Group, run: str) -> str:
     return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
 
 
+def run_verdicts(group: stats.Group, key: tuple[str, str], alone: dict) -> list[tuple[str, str, str]]:
+    """(run id, its seeds, its verdict) of one difference (``key``: group id, metric), each run's seeds judged
+    alone (``stats.run_by_run``); shared by the headline's replication lines and the report's column."""
+    return [(run, seeds_text(group, run), per[key]["verdict"] if key in per else "not compared")
+            for run, per in alone.items()]
+
+
 def replication(records: list[Record], groups: list[stats.Group], pooled: dict, suite: str, ref: str) -> list[str]:
     """For a table pooling several runs (``--extends``): each run's own seeds judged alone, wherever one of them
     or the pooled seeds detect a difference, so a finding shows whether independent seeds repeat it."""
@@ -198,10 +205,7 @@ def replication(records: list[Record], groups: list[stats.Group], pooled: dict, 
             if not any(_detects(d.get(key)) for d in (pooled, *alone.values())):
                 continue
             label = metric.removeprefix("eval.").replace(".", " ")
-            parts = []
-            for run, diffs in alone.items():
-                d = diffs.get(key)
-                parts.append(f"`{run}` alone ({seeds_text(g, run)}): {d['verdict'] if d else 'not compared'}")
+            parts = [f"`{run}` alone ({seeds}): {verdict}" for run, seeds, verdict in run_verdicts(g, key, alone)]
             pooled_text = pooled[key]["verdict"] if key in pooled else "not compared"
             out.append(f"- {g.method} against {ref}, {label}: " + "; ".join(parts) + f"; pooled: {pooled_text}.")
     shown = " or ".join(m.removeprefix("eval.").replace(".", " ") for m, _ in DIFFERENCES)

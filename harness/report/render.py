@@ -181,7 +181,7 @@ def _stats_view(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
     import json
 
     from harness import stats
-    from harness.report.headline import _reference, seeds_text
+    from harness.report.headline import _reference, run_verdicts
 
     ref = _reference(run_dir, suite)
     st = stats.run_stats(records, {suite: ref}).get("suites", {}).get(suite, {})
@@ -199,9 +199,8 @@ def _stats_view(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
     diffs = [{"method": d["method"], "metric": d["metric"], "text": interval(d), "verdict": d["verdict"],
               "basis": (f"{d['n_seeds'][0]}+{d['n_seeds'][1]} seeds" + (" paired" if d["paired_seeds"] else "")
                         + (f" × {d['n_items']} items" if d["n_items"] else "")),
-              "alone": [f"{run} ({seeds_text(by_group[d['group']], run)}): "
-                        + (per[(d["group"], d["metric"])]["verdict"] if (d["group"], d["metric"]) in per else "not compared")
-                        for run, per in alone.items() if d["group"] in by_group]}
+              "alone": [f"{run} ({seeds}): {verdict}" for run, seeds, verdict
+                        in run_verdicts(by_group[d["group"]], (d["group"], d["metric"]), alone)]}
              for d in st.get("differences", [])]
     ratios = [{"method": r["method"], "metric": r["metric"],
                "text": f"{r['estimate']:.3f}×" + (f" [{r['lo']:.3f}, {r['hi']:.3f}]" if r.get("lo") is not None else ""),
@@ -214,7 +213,7 @@ def _stats_view(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
             continue
         if data.get("suite") == suite:
             checks += [{"name": data.get("name", p.stem), **r} for r in data.get("results", [])]
-    replicated = any(len(g.records) > 1 for g in stats.groups(records))
+    replicated = any(len(g.records) > 1 for g in by_group.values())
     return {"reference": ref, "differences": diffs, "ratios": ratios if replicated else [], "checks": checks,
             "family_size": st.get("family_size", 1), "runs": list(alone)}
 
