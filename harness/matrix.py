@@ -150,3 +150,24 @@ def matches(case: Case, selector: dict[str, Any]) -> bool:
         elif have != want:
             return False
     return True
+
+
+def run_order(suite: Suite, cases: list[Case]) -> list[Case]:
+    """The order the cases run in (``suite.order``): with a seed axis and ``blocks``, seed by seed, each block's
+    cases shuffled by a generator seeded from the suite's name and the seed (the same order on every machine and
+    every run, none of it chosen by hand); otherwise the matrix's order."""
+    seeds = [c.axes["seed"] for c in cases if "seed" in c.axes]
+    if suite.order != "blocks" or len(set(seeds)) < 2:
+        return list(cases)
+    import hashlib
+
+    import numpy as np
+
+    blocks: dict[Any, list[Case]] = {}
+    for c in cases:
+        blocks.setdefault(c.axes.get("seed"), []).append(c)
+    out: list[Case] = []
+    for seed, block in blocks.items():
+        key = int.from_bytes(hashlib.sha256(f"{suite.name}:{seed}".encode()).digest()[:8], "little")
+        out += [block[i] for i in np.random.default_rng(key).permutation(len(block))]
+    return out

@@ -210,7 +210,7 @@ def _display(path: Path, config) -> str:
 
 class SuiteFile(pytest.File):
     def collect(self):
-        from harness.matrix import expand
+        from harness.matrix import expand, run_order
         from harness.spec import load_suite
 
         shown = _display(self.path, self.config)
@@ -226,7 +226,7 @@ class SuiteFile(pytest.File):
                 raise self.CollectError(f"{shown}: name: duplicate case id {case.case_id} (also in {seen[case.case_id]})")
             seen[case.case_id] = shown
         self.suite = suite
-        for case in cases:
+        for case in run_order(suite, cases):  # with replicates: seed by seed, shuffled within each seed
             item = CaseItem.from_parent(self, name=case.case_id, case=case, suite=suite)
             for tier in case.tiers:
                 item.add_marker(getattr(pytest.mark, tier.replace("-", "_")))

@@ -303,6 +303,11 @@ class Suite(Strict):
     # training seeds per case: N > 1 adds a seed axis (settings.seed, +1, …); cases differing only by seed form a
     # replicate group whose metrics get intervals over seeds (harness.stats)
     replicates: int = Field(1, ge=1, le=100)
+    # the order the cases run in. "blocks" (with replicates): seed by seed, every case of one seed before the next
+    # seed's, in a shuffled order fixed by the suite's name and the seed, so that a slow drift of the machine
+    # (load, clocks, heat) lands on every method alike and speed ratios pair within a block; "file": matrix order,
+    # method after method, where drift and method are confounded
+    order: Literal["blocks", "file"] = "blocks"
     reference: str = "lora-bf16"  # the method differences and ratios are taken against
     timeout_s: float = Field(1800, gt=0)  # per case; a hung worker is killed after this
 

@@ -94,6 +94,29 @@ def test_shipped_suites_collect_with_readable_ids():
     assert "suites/fidelity.yaml::fidelity[qlora-fp4-student_t]" in out.stdout
 
 
+@pytest.mark.parametrize("order", ["blocks", "file"])
+def test_replicates_run_seed_by_seed_in_a_shuffled_order(project, order):
+    """Method after method, a drift of the machine over the session would land on the methods run last; in blocks
+    every seed's cases run together, their order shuffled (the same on every run), so a drift reaches all alike."""
+    methods = ["lora-bf16", "qlora-nf4", "qlora-nf4-dq", "qlora-fp4", "qlora-fp4-dq", "lora-int8"]
+    text = (QUANT_SUITE.replace("method: [qlora-nf4, qlora-fp4]", f"method: [{', '.join(methods)}]")
+            .replace("timeout_s: 300", f"timeout_s: 300\nreplicates: 4\norder: {order}"))
+    (project.path / "suites" / "q.yaml").write_text(text)
+    runs = [project.runpytest_subprocess("suites/", "--collect-only", "-q", "--no-report") for _ in range(2)]
+    ids = [[line.split("::", 1)[1] for line in r.stdout.lines if "::q[" in line and "ratio" not in line] for r in runs]
+    assert ids[0] == ids[1] and len(ids[0]) == 24  # the same order every time
+    matrix_order = [f"q[{m}-seed{s}]" for m in methods for s in range(4)]
+    if order == "file":
+        assert ids[0] == matrix_order
+        return
+    seeds = [int(i.rsplit("seed", 1)[1].rstrip("]")) for i in ids[0]]
+    assert seeds == sorted(seeds)  # seed by seed: one block's cases all run before the next block's
+    blocks = [[i.split("[", 1)[1].rsplit("-seed", 1)[0] for i in ids[0][6 * b: 6 * b + 6]] for b in range(4)]
+    assert all(sorted(b) == sorted(methods) for b in blocks)
+    assert len({tuple(b) for b in blocks}) > 1 and blocks[0] != methods  # shuffled, not one fixed order
+    assert {b[0] for b in blocks} != {"lora-bf16"}  # the reference does not always go first
+
+
 def test_tasks_and_data_are_not_suites():
     from harness.plugin import is_suite_file
 
