@@ -43,8 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("run", metavar="RUN", help="run id, run folder or 'latest'")
     h.add_argument("--suite", default="smoke", help="the suite whose methods form the rows (default: smoke)")
     h.add_argument("--update", type=Path, metavar="README",
-                   help="replace the tables between the README's markers (headline; merge costs when the run has them)")
+                   help="replace the README's tables between markers that this run has suites for (headline, "
+                        "merge costs, speed)")
     h.add_argument("--merge-suite", default="merge", help="the suite of the merge-costs table (default: merge)")
+    h.add_argument("--speed-suite", default="speed", help="the suite of the speed table (default: speed)")
 
     st = sub.add_parser("stats", parents=[results],
                         help="recompute a run's stats/<suite>.json (groups, differences, verdicts) from its records")
@@ -208,12 +210,23 @@ def cmd_headline(args: argparse.Namespace) -> int:
     from harness.report import headline
 
     run_dir = resolve_run(args.run, args.results)
-    if args.update:
-        headline.update(args.update, run_dir, args.suite)
-        if headline.MERGE_START in args.update.read_text() and headline.has_suite(run_dir, args.merge_suite):
-            headline.update_merge(args.update, run_dir, args.merge_suite)
-    else:
+    if args.update:  # each block from the run's suite for it; a run of the speed suite alone updates only that
+        text = args.update.read_text()
+        blocks = [(headline.START, args.suite, headline.update), (headline.MERGE_START, args.merge_suite,
+                                                                  headline.update_merge),
+                  (headline.SPEED_START, args.speed_suite, headline.update_speed)]
+        done = [suite for start, suite, update in blocks
+                if start in text and headline.has_suite(run_dir, suite) and update(args.update, run_dir, suite) is None]
+        if not done:
+            raise SystemExit(f"headline: run {run_dir.name} has none of the suites {args.update}'s tables are "
+                             f"drawn from ({', '.join(s for _, s, _ in blocks)})")
+        print(f"updated {args.update}: {', '.join(done)}")
+    elif headline.has_suite(run_dir, args.suite):
         print(headline.table(run_dir, args.suite))
+    elif headline.has_suite(run_dir, args.speed_suite):
+        print(headline.speed_table(run_dir, args.speed_suite))
+    else:
+        raise SystemExit(f"headline: run {run_dir.name} has no records of suite {args.suite!r}")
     return 0
 
 

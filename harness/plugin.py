@@ -147,16 +147,23 @@ def _load_extended(ref: str | None, results: Path) -> tuple[str, dict]:
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """With ``--extends``: deselect the cases the earlier run measured, after checking they are the same cases."""
+    """With ``--extends``: deselect the cases the earlier run measured, after checking they are the same cases.
+    In a suite run in blocks, a case measured again takes its seed's whole block with it, so that the block's
+    cases still run side by side."""
     run = config.stash.get(RUN_KEY, None)
     if run is None or not run.extended:
         return
     import json
 
+    def block(item) -> tuple | None:
+        s = item.suite
+        return (s.name, item.case.axes["seed"]) if s.order == "blocks" and "seed" in item.case.axes else None
+
+    again = {block(i) for i in items if isinstance(i, CaseItem) and run.already_measured(i.case) is None} - {None}
     kept, done = [], []
     for item in items:
         old = run.already_measured(item.case) if isinstance(item, CaseItem) else None
-        if old is None:
+        if old is None or block(item) in again:
             kept.append(item)
             continue
         now, then = (json.loads(json.dumps(p, sort_keys=True, default=str)) for p in (item.case.params, old.params))

@@ -295,12 +295,20 @@ class Run:
         return CrossCase(self.dir, extended=self.extended).records(suite)
 
     def already_measured(self, case: Case) -> Record | None:
-        """The extended run's record of this case, unless its status asks for measuring it again (``RERUN``)."""
+        """The extended run's record of this case, unless it must be measured again (``remeasure``)."""
         rec = self.extended.get(case.case_id)
-        return rec if rec is not None and rec.status not in RERUN else None
+        return rec if rec is not None and not remeasure(rec) else None
 
     def check_ratio(self, exp: RatioExpectation, cases: list[Case], wait_s: float = 0.0):
         return CrossCase(self.dir, extended=self.extended).check_ratio(exp, cases, wait_s)
+
+
+def remeasure(rec: Record) -> bool:
+    """Does an extension measure this case again: its status (``RERUN``: error, interrupted, killed), or a timing
+    the noise guard flagged (the machine was busy: its speed says nothing about the method)?"""
+    from harness.measure.noise import timing_noisy
+
+    return rec.status in RERUN or timing_noisy(rec.metrics)
 
 
 def _slug(text: str) -> str:

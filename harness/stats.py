@@ -405,25 +405,100 @@ def gain_text(gain: Difference) -> str:
 
 @dataclass
 class Ratio:
-    """``method / reference`` of one speed or memory metric, with a log-t (Welch) interval over seeds."""
+    """``method / reference`` of one speed or memory metric over seeds, with an interval on the log scale.
+
+    How the cases ran decides the interval. ``blocks``: every seed's two cases ran next to each other (no case of
+    another seed between them), so a drift of the machine over the session cancels in each seed's ratio: a paired
+    t-interval over the seeds' log ratios. ``sequential``: they ran apart (method after method, or in other
+    runs), so time and method are confounded: a Welch interval over seeds, and ``apart_min`` says how far apart
+    (median minutes between the starts of a seed's two cases, or of any two cases where no seed is shared)."""
 
     metric: str
     group: str
     reference: str
-    estimate: float  # ratio of geometric means over seeds
+    estimate: float  # blocks: geometric mean of the seeds' ratios; sequential: ratio of geometric means
     lo: float
     hi: float
     n_seeds: tuple[int, int]
+    design: str = ""  # "blocks" or "sequential" ("" when the records carry no start times)
+    apart_min: float = math.nan
+    noisy_left_out: int = 0  # a timing metric: cases whose timing the noise guard flagged, not counted
 
 
-def ratio(a: Group, ref: Group, name: str, level: float = LEVEL) -> Ratio | None:
-    va, vb = a.values(name), ref.values(name)
-    va, vb = va[va > 0], vb[vb > 0]
-    if not len(va) or not len(vb):
+def _start_s(rec: Any) -> float | None:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(rec.started_at).timestamp() if rec.started_at else None
+    except (TypeError, ValueError):
         return None
-    est, lo, hi = seed_difference(np.log(va), np.log(vb), paired=False, level=level)
+
+
+def _seed(rec: Any) -> int:
+    return int(rec.params.get("seed") or 0)
+
+
+def ran_together(a: Any, b: Any, timeline: Sequence[Any]) -> bool:
+    """Did records ``a`` and ``b`` run next to each other: one run, and no case of its suite with another seed
+    than theirs started between them (``timeline``: every record of the session, whatever its status)?"""
+    ta, tb = _start_s(a), _start_s(b)
+    if a.run_id != b.run_id or ta is None or tb is None:
+        return False
+    lo, hi = min(ta, tb), max(ta, tb)
+    seeds = {_seed(a), _seed(b)}
+    for r in timeline:
+        if r.run_id == a.run_id and r.suite == a.suite and _seed(r) not in seeds:
+            t = _start_s(r)
+            if t is not None and lo < t < hi:
+                return False
+    return True
+
+
+def ratio(a: Group, ref: Group, name: str, level: float = LEVEL, timeline: Sequence[Any] | None = None) -> Ratio | None:
+    from harness.measure.noise import is_timing_metric, timing_noisy
+
+    noisy = {id(r) for g in (a, ref) for r in g.records if is_timing_metric(name) and timing_noisy(r.metrics)}
+
+    def by_seed(g: Group) -> dict[int, tuple[float, Any]]:
+        return {_seed(r): (float(r.metrics[name]), r) for r in g.records if id(r) not in noisy
+                and isinstance(r.metrics.get(name), (int, float)) and math.isfinite(r.metrics[name]) and r.metrics[name] > 0}
+
+    sa, sr = by_seed(a), by_seed(ref)
+    if not sa or not sr:
+        return None
+    common = sorted(set(sa) & set(sr))
+    timeline = list(a.records) + list(ref.records) if timeline is None else timeline
+    starts = [(_start_s(sa[k][1]), _start_s(sr[k][1])) for k in common] or [
+        (_start_s(x), _start_s(y)) for _, x in sa.values() for _, y in sr.values()]
+    gaps = [abs(x - y) / 60 for x, y in starts if x is not None and y is not None]
+    apart = float(np.median(gaps)) if gaps else math.nan
+    blocked = len(common) >= 2 and all(ran_together(sa[k][1], sr[k][1], timeline) for k in common)
+    if blocked:
+        logs = np.log([sa[k][0] for k in common]) - np.log([sr[k][0] for k in common])
+        s = t_interval(logs, level)
+        est, lo, hi = s.mean, s.lo, s.hi
+    else:
+        est, lo, hi = seed_difference(np.log([v for v, _ in sa.values()]), np.log([v for v, _ in sr.values()]),
+                                      paired=False, level=level)
+    design = "" if not gaps else "blocks" if blocked else "sequential"
     return Ratio(name, a.group_id, ref.group_id, math.exp(est), math.exp(lo) if math.isfinite(lo) else math.nan,
-                 math.exp(hi) if math.isfinite(hi) else math.nan, (len(va), len(vb)))
+                 math.exp(hi) if math.isfinite(hi) else math.nan, (len(sa), len(sr)), design, apart, len(noisy))
+
+
+def ratio_basis(r: Mapping[str, Any]) -> str:
+    """How a ratio (``run_stats``'s dict) was measured, in words: its seeds, and whether time was ruled out."""
+    n = f"{r['n_seeds'][0]}+{r['n_seeds'][1]} seeds" + (
+        f" ({r['noisy_left_out']} case{'s' if r['noisy_left_out'] > 1 else ''} with a noisy timing left out)"
+        if r.get("noisy_left_out") else "")
+    from harness.measure.noise import is_timing_metric
+
+    if r.get("design") == "blocks":
+        return f"{n}, paired: each seed's cases ran side by side"
+    if r.get("design") == "sequential" and is_timing_metric(r["metric"]):  # a drift of load moves no memory figure
+        apart = r.get("apart_min")
+        when = f", {apart:.0f} min apart (median)" if apart is not None and apart >= 1 else ""
+        return f"{n}, method after method{when}: a drift of the machine in that time counts as the method's"
+    return n
 
 
 # -- verdicts ------------------------------------------------------------------------------------------
@@ -657,7 +732,7 @@ def run_stats(records: Iterable[Any], references: Mapping[str, str] | None = Non
                                                  "verdict": verdict(d, gains[key])})
             for name in dict.fromkeys(k for r in g.records for k in r.metrics):
                 if _is_speed_memory(name):
-                    rt = ratio(g, ref, name)
+                    rt = ratio(g, ref, name, level=family, timeline=records)  # simultaneous, like the differences
                     if rt is not None:
                         suite_out["ratios"].append({**_clean(asdict(rt)), "method": g.method})
         out["suites"][suite] = suite_out

@@ -157,9 +157,11 @@ def test_cli_list(tmp_path: Path, capsys):
 
 
 # -- bases: a run's cases on the reference's bases, bit for bit ------------------------------------------------------
-# the newest committed reference run that stands alone (a run that extends it holds only the seeds it added)
+# the newest committed reference run of the smoke suite that stands alone (a run that extends it holds only the
+# seeds it added; a run of the speed suite alone has no smoke case)
 REFERENCE_RUN = max(p for p in (Path(__file__).resolve().parents[1] / "results" / "reference" / "cpu-amd-epyc-2core")
-                    .glob("*-ref") if "extends" not in json.loads((p / "run.json").read_text()))
+                    .glob("*-ref") if "extends" not in json.loads((p / "run.json").read_text())
+                    and (p / "smoke__qlora-nf4-seed0.json").exists())
 
 
 def _copy_run(src: Path, dst: Path, edit=None) -> Path:

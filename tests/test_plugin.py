@@ -117,6 +117,22 @@ def test_replicates_run_seed_by_seed_in_a_shuffled_order(project, order):
     assert {b[0] for b in blocks} != {"lora-bf16"}  # the reference does not always go first
 
 
+@pytest.mark.parametrize("order", ["blocks", "file"])
+def test_extends_measures_a_noisy_timing_again_with_its_whole_block(project, order):
+    """The noise guard flagged one case's timing (the machine was busy): an extension measures it again and, in a
+    suite run in blocks, its seed's other cases with it, so that each seed's cases still ran side by side."""
+    suite = QUANT_SUITE.split("expectations:")[0] + f"timeout_s: 300\nreplicates: 2\norder: {order}\n"
+    (project.path / "suites" / "q.yaml").write_text(suite)
+    project.runpytest_subprocess("suites/", "--run-id", "first", "--no-report").assert_outcomes(passed=4)
+    path = project.path / "results" / "first" / "q__qlora-nf4-seed1.json"
+    rec = json.loads(path.read_text())
+    rec["metrics"]["train.timing_clean"] = 0.0  # what the noise guard writes when another process took the cores
+    path.write_text(json.dumps(rec))
+    again = project.runpytest_subprocess("suites/", "--collect-only", "-q", "--run-id", "more", "--extends", "first")
+    kept = sorted(line.split("::", 1)[1] for line in again.stdout.lines if "::q[" in line)
+    assert kept == (["q[qlora-fp4-seed1]", "q[qlora-nf4-seed1]"] if order == "blocks" else ["q[qlora-nf4-seed1]"])
+
+
 def test_tasks_and_data_are_not_suites():
     from harness.plugin import is_suite_file
 
@@ -153,7 +169,9 @@ def test_extends_runs_only_the_missing_seeds_and_pools_them(project):
     """``--extends`` adds seeds to an earlier run: only the new cases run, a case lost to an error runs again,
     and stats, report and headline pool both runs; a bad or foreign earlier run is a one-line usage error."""
     # compute_dtype auto: the records keep what it resolved to, which must still count as the same setting
-    suite = QUANT_SUITE.replace("  - {ratio", "  # - {ratio") + "replicates: 3\nsettings: {compute_dtype: auto}\n"
+    # order: file: in blocks the lost case would take its seed's other case with it (the test after this one)
+    suite = (QUANT_SUITE.replace("  - {ratio", "  # - {ratio")
+             + "replicates: 3\nsettings: {compute_dtype: auto}\norder: file\n")
     (project.path / "suites" / "q.yaml").write_text(suite)
     project.runpytest_subprocess("suites/", "--run-id", "first", "-k", "seed0", "--no-report").assert_outcomes(passed=2)
     first = project.path / "results" / "first"

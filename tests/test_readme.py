@@ -29,3 +29,9 @@ def test_merge_costs_match_the_committed_records():
     shown = headline.embedded(ROOT / "README.md", headline.MERGE_START, headline.MERGE_END)
     run_id = re.search(r"Run `([^`]+)`", shown).group(1)
     assert shown == headline.merge_costs(_committed(run_id))
+
+
+def test_speed_table_matches_the_committed_records():
+    shown = headline.embedded(ROOT / "README.md", headline.SPEED_START, headline.SPEED_END)
+    run_id = re.search(r"; run `([^`]+)`, suite `speed`", shown).group(1)
+    assert shown == headline.speed_table(_committed(run_id))

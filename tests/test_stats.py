@@ -238,6 +238,96 @@ def test_ratio_and_group_summary_over_seeds():
     assert [x["metric"] for x in suite["ratios"]] == ["train.tokens_per_s"]
 
 
+def _timed(method, seed, tps, minute, run_id="r", suite="q"):
+    return Record(run_id=run_id, suite=suite, case_id=f"{suite}[{method}-seed{seed}]", method=method,
+                  params={"method": method, "seed": seed}, status="passed", metrics={"train.tokens_per_s": tps},
+                  started_at=f"2026-11-30T{6 + minute // 60:02d}:{minute % 60:02d}:00+00:00")
+
+
+def _speed_session(order, truth=0.8, seeds=5, minutes_per_case=2):
+    """lora-bf16 and qlora-nf4 (truly ``truth`` as fast) on a machine that slows by 0.5% a minute and whose load
+    jumps between ±25% from one block of minutes to the next: in ``blocks`` each seed's two cases run side by
+    side (which goes first alternates); ``file``: every lora-bf16 seed, then every qlora-nf4 seed."""
+    rng = np.random.default_rng(11)
+    load = rng.uniform(0.75, 1.25, 2 * seeds)  # the machine's state in each stretch of two cases
+
+    def speed(minute):
+        return 1500 * (1 - 0.005 * minute) * load[minute // (2 * minutes_per_case)] * (1 + rng.normal(0, 0.005))
+
+    plan = ([(m, s) for s in range(seeds) for m in (("lora-bf16", "qlora-nf4") if s % 2 else ("qlora-nf4", "lora-bf16"))]
+            if order == "blocks" else [(m, s) for m in ("lora-bf16", "qlora-nf4") for s in range(seeds)])
+    recs = []
+    for k, (method, s) in enumerate(plan):
+        minute = k * minutes_per_case
+        recs.append(_timed(method, s, speed(minute) * (truth if method == "qlora-nf4" else 1.0), minute))
+    return recs
+
+
+def test_a_speed_ratio_measured_in_blocks_pairs_each_seeds_cases():
+    """The machine's load swings ±25% between blocks: paired within blocks the ratio is tight around the truth
+    (the unpaired interval over seeds spans the swings); the design is read from the cases' start times."""
+    recs = _speed_session("blocks")
+    [(g, ref)] = stats.reference_pairs(stats.groups(recs))
+    r = stats.ratio(g, ref, "train.tokens_per_s", timeline=recs)
+    assert r.design == "blocks" and r.apart_min == pytest.approx(2.0)
+    assert r.lo < 0.8 < r.hi and r.hi / r.lo < 1.06, (r.lo, r.hi)
+    assert "paired: each seed's cases ran side by side" in stats.ratio_basis(stats.as_json(r))
+
+
+def test_a_speed_ratio_measured_method_after_method_says_time_is_confounded():
+    recs = _speed_session("file")
+    [(g, ref)] = stats.reference_pairs(stats.groups(recs))
+    r = stats.ratio(g, ref, "train.tokens_per_s", timeline=recs)
+    assert r.design == "sequential" and r.apart_min == pytest.approx(10.0)  # five cases of 2 min apart
+    basis = stats.ratio_basis(stats.as_json(r))
+    assert "method after method, 10 min apart (median)" in basis and "counts as the method's" in basis
+    # a case of another seed between a seed's two cases breaks the block
+    a, b = _timed("qlora-nf4", 0, 1.0, 0), _timed("lora-bf16", 0, 1.0, 4)
+    assert stats.ran_together(a, b, [a, b]) and not stats.ran_together(a, b, [a, b, _timed("qlora-fp4", 1, 1.0, 2)])
+    assert not stats.ran_together(a, _timed("lora-bf16", 0, 1.0, 4, run_id="other"), [a])
+
+
+def test_a_case_whose_timing_was_noisy_is_left_out_of_the_speed_ratio():
+    """The noise guard flagged one seed's qlora-nf4 step times (a neighbour took the cores: a third of the speed);
+    the ratio is that of the other seeds, and says one case was left out. Memory ratios keep every seed."""
+    recs = _speed_session("blocks")
+    slow = next(r for r in recs if r.method == "qlora-nf4" and r.params["seed"] == 2)
+    slow.metrics.update({"train.tokens_per_s": slow.metrics["train.tokens_per_s"] / 3, "train.timing_clean": 0.0})
+    for r in recs:
+        r.metrics["train.tensor_peak_gib"] = 0.05 if r.method == "lora-bf16" else 0.04
+    [(g, ref)] = stats.reference_pairs(stats.groups(recs))
+    r = stats.ratio(g, ref, "train.tokens_per_s", timeline=recs)
+    assert r.lo < 0.8 < r.hi and r.n_seeds == (4, 5) and r.noisy_left_out == 1
+    assert "4+5 seeds (1 case with a noisy timing left out)" in stats.ratio_basis(stats.as_json(r))
+    memory = stats.ratio(g, ref, "train.tensor_peak_gib", timeline=recs)
+    assert memory.n_seeds == (5, 5) and memory.estimate == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("order", ["blocks", "file"])
+def test_headline_and_speed_table_say_how_the_cases_ran(tmp_path, order):
+    """The sentence beside a speed ratio is generated from the records' start times: side by side in blocks, or
+    method after method with how many minutes apart, which the intervals do not allow for."""
+    from harness.records import write_json_atomic, write_record
+    from harness.report import headline
+
+    run = tmp_path / order
+    write_json_atomic(run / "run.json", {"run_id": order, "started_at": "2026-11-30T06:00:00+00:00"})
+    for rec in _speed_session(order):
+        rec.run_id, rec.suite = order, "speed"
+        rec.case_id = rec.case_id.replace("q[", "speed[")
+        write_record(run, rec)
+    text = headline.speed_table(run, "speed")
+    row = next(x for x in text.splitlines() if x.startswith("| qlora-nf4 (n=5) |"))
+    ratio = float(row.split(" · ")[1].split("×")[0])
+    line = next(x for x in headline.table(run, "speed").splitlines() if x.startswith("Speed, tokens/s"))
+    assert "qlora-nf4 " in line and "ratio to lora-bf16" in text and "suite `speed`" in text
+    if order == "blocks":
+        assert ratio == pytest.approx(0.80, abs=0.01)
+        assert "ran side by side (shuffled blocks)" in text and "ran side by side (shuffled blocks)" in line
+    else:
+        assert "ran method after method, 10 min from lora-bf16's" in text and "do not allow for it" in line
+
+
 def test_bootstrap_is_deterministic_given_its_seed():
     rng = np.random.default_rng(0)
     a, r = _binary(rng, 3, 60, 0.0)

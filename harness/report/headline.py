@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -118,25 +119,119 @@ def table(run_dir: Path, suite: str = "smoke") -> str:
     if verdicts:
         lines += ["", *verdicts]
     lines += replication(records, groups, diffs, suite, ref)
-    env = records[0].env if records else {}
-    gpu = (env.get("gpu") or {}).get("name") or f"CPU: {(env.get('cpu') or {}).get('name')}"
-    v = env.get("versions", {})
-    lines.append("")
-    versions = ", ".join(f"{k.replace('_', '-')} {ver}" for k, ver in v.items()
-                         if k not in ("nvidia-ml-py", "qlora-harness", "datasets", "accelerate") and ver)
+    speed = speed_lines(st, ref)
+    if speed:
+        lines += ["", *speed]
     seeds = max((len(g.records) for g in groups), default=1)
+    intervals = "".join([f" ±: 95% intervals over {seeds} seeds" if seeds > 1 else "",
+                         f"; Δ brackets: {_joint(st)}, paired over seeds and eval items" if shown_diffs else "",
+                         "." if seeds > 1 else ""])
+    lines += ["", f"{measured_on(records)}, suite `{suite}`.{intervals}"]
+    return "\n".join(lines)
+
+
+def _joint(st: dict) -> str:
     k = st.get("family_size", 1)
-    joint = (f"simultaneous 95% intervals over the {k} methods compared (Bonferroni: {100 * st['family_level']:.1f}% "
-             "each)" if k > 1 else "95% intervals")
-    intervals = (f" ±: 95% intervals over {seeds} seeds; Δ brackets: {joint}, paired over seeds and eval items."
-                 if seeds > 1 else "")
+    return (f"simultaneous 95% intervals over the {k} methods compared (Bonferroni: {100 * st['family_level']:.1f}% "
+            "each)" if k > 1 else "95% intervals")
+
+
+def measured_on(records: list[Record]) -> str:
+    """``Measured on CPU: …, compute fp32, 40 training steps; python …, torch …; run `X` ``: from the records."""
+    env = records[0].env if records else {}
+    cpu = env.get("cpu") or {}
+    gpu = (env.get("gpu") or {}).get("name") or f"CPU: {cpu.get('name')}" + (f" ({cpu['isa']})" if cpu.get("isa") else "")
+    versions = ", ".join(f"{k.replace('_', '-')} {ver}" for k, ver in env.get("versions", {}).items()
+                         if k not in ("nvidia-ml-py", "qlora-harness", "datasets", "accelerate") and ver)
     dtypes = sorted({str(r.params.get("compute_dtype")) for r in records if r.params.get("compute_dtype")})
     steps = sorted({int(r.params["max_steps"]) for r in records if r.params.get("max_steps")})
     setup = "".join([f", compute {'/'.join(dtypes)}" if dtypes else "",
                      f", {'/'.join(map(str, steps))} training steps" if steps else ""])
-    lines.append(f"Measured on {gpu}{setup}; {versions}; {runs_text(records)}, suite `{suite}`."
-                 f"{intervals}")
-    return "\n".join(lines)
+    return f"Measured on {gpu}{setup}; {versions}; {runs_text(records)}"
+
+
+def _ratio_text(r: dict) -> str:
+    bounds = f" [{r['lo']:.2f}, {r['hi']:.2f}]" if r.get("lo") is not None and r.get("hi") is not None else ""
+    return f"{r['estimate']:.2f}×{bounds}"
+
+
+def design_text(ratios: list[dict], ref: str) -> str:
+    """One sentence, from the cases' start times, on whether time could pass for a method in these ratios."""
+    designs = {r.get("design") or "" for r in ratios}
+    if designs == {"blocks"}:
+        return (f"Each seed's cases ran side by side (shuffled blocks), so each ratio pairs a method's case with the "
+                f"{ref} case of its seed: a drift of the machine between blocks cancels.")
+    late = [r["apart_min"] for r in ratios if r.get("design") == "sequential" and r.get("apart_min") is not None]
+    if late:
+        span = f"{min(late):.0f}" if round(min(late)) == round(max(late)) else f"{min(late):.0f}–{max(late):.0f}"
+        return (f"These cases ran method after method, {span} min from {ref}'s (median per "
+                "method): a drift of the machine over that time counts as the method's, and the intervals do not "
+                "allow for it.") if max(late) >= 1 else "These cases ran method after method, under a minute apart."
+    return "The records carry no start times: whether time and method are confounded here is not known."
+
+
+def speed_lines(st: dict, ref: str, metric: str = M.TOKENS_PER_S) -> list[str]:
+    """``Speed: tokens/s … against lora-bf16: qlora-nf4 0.86× [0.78, 0.94]; … .`` and how the cases ran."""
+    ratios = sorted((r for r in st.get("ratios", []) if r["metric"] == metric and r.get("lo") is not None),
+                    key=lambda r: _order(r["method"]))
+    if not ratios:
+        return []
+    label = next((c[0] for c in COLUMNS if c[1] == metric), metric)
+    parts = "; ".join(f"{r['method']} {_ratio_text(r)}" for r in ratios)
+    return [f"Speed, {label} against {ref} (ratio [{_joint(st)}]): {parts}. {design_text(ratios, ref)}"]
+
+
+SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
+SPEED_METRICS = [  # (column, metric): the first memory metric a run has is shown
+    ("tokens/s (median step)", M.TOKENS_PER_S),
+    ("step ms (median)", M.STEP_MEDIAN_MS),
+    ("peak allocated GiB", M.PEAK_ALLOCATED),
+    ("tensor peak GiB", M.TENSOR_PEAK),
+]
+
+
+def speed_table(run_dir: Path, suite: str = "speed") -> str:
+    """Markdown: per method, each speed/memory metric's mean ± and its ratio to the reference with a simultaneous
+    interval, then the sentence on how the cases ran (``design_text``) and where they were measured."""
+    records = sorted((r for r in read_run_records(run_dir) if r.suite == suite), key=lambda r: _order(r.method))
+    groups = stats.groups(records)
+    ref = _reference(run_dir, suite)
+    st = stats.run_stats(records, {suite: ref}).get("suites", {}).get(suite, {})
+    ratios = {(r["group"], r["metric"]): r for r in st.get("ratios", [])}
+    present = [(h, m) for h, m in SPEED_METRICS if any(m in r.metrics for r in records)]
+    memory = [c for c in present if c[1] in (M.PEAK_ALLOCATED, M.TENSOR_PEAK)][:1]
+    cols = [c for c in present if c[1] not in (M.PEAK_ALLOCATED, M.TENSOR_PEAK)] + memory
+    heads = [f"{h} · ratio to {ref}" for h, _ in cols]
+    lines = ["| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for g in groups:
+        summ = stats.summarise(g)
+        cells = []
+        for _, m in cols:
+            s = summ.get(m)
+            value = "" if s is None else _num(s.mean) + (
+                f" ± {_num(s.half_width)}" if s.n > 1 and math.isfinite(s.half_width) else "")
+            r = ratios.get((g.group_id, m))
+            cells.append(value + (f" · {_ratio_text(r)}" if r else ""))
+        lines.append(f"| {g.method} (n={len(g.records)}) | " + " | ".join(cells) + " |")
+    timed = [r for r in st.get("ratios", []) if r["metric"] == M.TOKENS_PER_S]
+    seeds = max((len(g.records) for g in groups), default=1)
+    lines += ["", design_text(timed, ref) if timed else "",
+              f"{measured_on(records)}, suite `{suite}`. ±: 95% intervals over {seeds} seeds; ratio brackets: "
+              f"{_joint(st)}, over the seeds' own ratios where each seed's cases ran side by side."]
+    return "\n".join(x for x in lines[:-2] + [y for y in lines[-2:] if y])
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
+def update_speed(readme: Path, run_dir: Path, suite: str = "speed") -> None:
+    """Replace the README's speed block with ``speed_table`` of ``run_dir``."""
+    text = readme.read_text()
+    if SPEED_START not in text:
+        raise ValueError(f"{readme}: no {SPEED_START} … {SPEED_END} block")
+    new = f"{SPEED_START}\n{speed_table(run_dir, suite)}\n{SPEED_END}"
+    readme.write_text(re.sub(re.escape(SPEED_START) + r".*?" + re.escape(SPEED_END), lambda _: new, text, flags=re.S))
 
 
 def runs_text(records: list[Record]) -> str:

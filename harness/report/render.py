@@ -204,7 +204,7 @@ def _stats_view(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
              for d in st.get("differences", [])]
     ratios = [{"method": r["method"], "metric": r["metric"],
                "text": f"{r['estimate']:.3f}×" + (f" [{r['lo']:.3f}, {r['hi']:.3f}]" if r.get("lo") is not None else ""),
-               "basis": f"{r['n_seeds'][0]}+{r['n_seeds'][1]} seeds"} for r in st.get("ratios", [])]
+               "basis": stats.ratio_basis(r)} for r in st.get("ratios", [])]
     checks = []
     for p in sorted((Path(run_dir) / "stats" / "expectations").glob("*.json")):
         try:
