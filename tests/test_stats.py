@@ -324,6 +324,8 @@ def test_headline_and_speed_table_say_how_the_cases_ran(tmp_path, order):
     if order == "blocks":
         assert ratio == pytest.approx(0.80, abs=0.01)
         assert "ran side by side (shuffled blocks)" in text and "ran side by side (shuffled blocks)" in line
+        assert "Tokens/s: slower than lora-bf16: qlora-nf4." in text  # [0.79, 0.82] lies below 1
+        assert "]. Slower than lora-bf16: qlora-nf4. Each seed's" in line
     else:
         assert "ran method after method, 10 min from lora-bf16's" in text and "do not allow for it" in line
 

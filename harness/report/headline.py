@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -178,15 +177,29 @@ def speed_lines(st: dict, ref: str, metric: str = M.TOKENS_PER_S) -> list[str]:
         return []
     label = next((c[0] for c in COLUMNS if c[1] == metric), metric)
     parts = "; ".join(f"{r['method']} {_ratio_text(r)}" for r in ratios)
-    return [f"Speed, {label} against {ref} (ratio [{_joint(st)}]): {parts}. {design_text(ratios, ref)}"]
+    verdict = ratio_verdict(ratios, ref)
+    return [f"Speed, {label} against {ref} (ratio [{_joint(st)}]): {parts}. {verdict[0].upper()}{verdict[1:]} "
+            f"{design_text(ratios, ref)}"]
+
+
+def ratio_verdict(ratios: list[dict], ref: str) -> str:
+    """Of tokens/s ratios: ``slower than lora-bf16: …; faster: …; no detectable difference: …``, from where each
+    interval lies against 1."""
+    below = [r["method"] for r in ratios if r.get("hi") is not None and r["hi"] < 1]
+    above = [r["method"] for r in ratios if r.get("lo") is not None and r["lo"] > 1]
+    rest = [r["method"] for r in ratios if r["method"] not in below + above]
+    parts = ([f"slower than {ref}: {', '.join(below)}"] if below else []) + (
+        [f"faster: {', '.join(above)}"] if above else []) + (
+        [f"no detectable difference: {', '.join(rest)}"] if rest else [])
+    return "; ".join(parts) + "."
 
 
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
-SPEED_METRICS = [  # (column, metric): the first memory metric a run has is shown
-    ("tokens/s (median step)", M.TOKENS_PER_S),
-    ("step ms (median)", M.STEP_MEDIAN_MS),
-    ("peak allocated GiB", M.PEAK_ALLOCATED),
-    ("tensor peak GiB", M.TENSOR_PEAK),
+SPEED_METRICS = [  # (column, metric, format): the first memory metric a run has is shown
+    ("tokens/s (median step)", M.TOKENS_PER_S, "{:,.0f}"),
+    ("step ms (median)", M.STEP_MEDIAN_MS, "{:.1f}"),
+    ("peak allocated GiB", M.PEAK_ALLOCATED, "{:.2f}"),
+    ("tensor peak GiB", M.TENSOR_PEAK, "{:.4f}"),
 ]
 
 
@@ -198,31 +211,24 @@ def speed_table(run_dir: Path, suite: str = "speed") -> str:
     ref = _reference(run_dir, suite)
     st = stats.run_stats(records, {suite: ref}).get("suites", {}).get(suite, {})
     ratios = {(r["group"], r["metric"]): r for r in st.get("ratios", [])}
-    present = [(h, m) for h, m in SPEED_METRICS if any(m in r.metrics for r in records)]
+    present = [c for c in SPEED_METRICS if any(c[1] in r.metrics for r in records)]
     memory = [c for c in present if c[1] in (M.PEAK_ALLOCATED, M.TENSOR_PEAK)][:1]
     cols = [c for c in present if c[1] not in (M.PEAK_ALLOCATED, M.TENSOR_PEAK)] + memory
-    heads = [f"{h} · ratio to {ref}" for h, _ in cols]
+    heads = [f"{h} · ratio to {ref}" for h, _, _ in cols]
     lines = ["| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for g in groups:
         summ = stats.summarise(g)
         cells = []
-        for _, m in cols:
-            s = summ.get(m)
-            value = "" if s is None else _num(s.mean) + (
-                f" ± {_num(s.half_width)}" if s.n > 1 and math.isfinite(s.half_width) else "")
+        for _, m, fmt in cols:
             r = ratios.get((g.group_id, m))
-            cells.append(value + (f" · {_ratio_text(r)}" if r else ""))
+            cells.append(_group_cell(g, summ, m, fmt) + (f" · {_ratio_text(r)}" if r else ""))
         lines.append(f"| {g.method} (n={len(g.records)}) | " + " | ".join(cells) + " |")
-    timed = [r for r in st.get("ratios", []) if r["metric"] == M.TOKENS_PER_S]
+    timed = [r for r in st.get("ratios", []) if r["metric"] == M.TOKENS_PER_S and r.get("lo") is not None]
     seeds = max((len(g.records) for g in groups), default=1)
-    lines += ["", design_text(timed, ref) if timed else "",
+    lines += ["", f"Tokens/s: {ratio_verdict(timed, ref)} {design_text(timed, ref)}" if timed else "", "",
               f"{measured_on(records)}, suite `{suite}`. ±: 95% intervals over {seeds} seeds; ratio brackets: "
               f"{_joint(st)}, over the seeds' own ratios where each seed's cases ran side by side."]
-    return "\n".join(x for x in lines[:-2] + [y for y in lines[-2:] if y])
-
-
-def _num(x: float) -> str:
-    return f"{x:,.0f}" if abs(x) >= 10 else f"{x:.3g}"
+    return "\n".join(lines if timed else lines[:-3] + lines[-1:])
 
 
 def update_speed(readme: Path, run_dir: Path, suite: str = "speed") -> None:
