@@ -17,10 +17,11 @@ def _bound_message(what: str, value: float, lo: float | None, hi: float | None) 
 
 
 def check_case(case: Case, expectations: list[Any], record: Record) -> list[ExpectationResult]:
-    """Every metric bound that applies to this case; a missing metric fails (a stage silently skipped)."""
+    """Every metric bound that applies to this case; a missing metric fails (a stage silently skipped). ``where``
+    selects on the record's settings: ``compute_dtype: fp32`` picks the cases whose ``auto`` resolved to fp32."""
     results = []
     for exp in expectations:
-        if not isinstance(exp, MetricExpectation) or not matches(case, exp.where):
+        if not isinstance(exp, MetricExpectation) or not matches(case, exp.where, record.params or None):
             continue
         name = exp.name or exp.metric
         value = record.metrics.get(exp.metric)

@@ -139,9 +139,10 @@ def _check_ratios(suite: Suite, cases: list[Case], path: Path) -> None:
                                                         "other axes: the ratio would never be checked")
 
 
-def matches(case: Case, selector: dict[str, Any]) -> bool:
-    """True when the case's settings equal the selector (a list value means any of them)."""
-    params = case.params
+def matches(case: Case, selector: dict[str, Any], params: dict[str, Any] | None = None) -> bool:
+    """True when the case's settings (or ``params``: a record's, where an ``auto`` setting holds what it resolved
+    to) equal the selector (a list value means any of them)."""
+    params = case.params if params is None else {**case.params, **params}
     for key, want in selector.items():
         have = params.get(key)
         if isinstance(want, list) and not isinstance(have, list):

@@ -396,3 +396,25 @@ def test_worker_environment_defaults_to_offline(tmp_path: Path):
     env = worker_env(case, {"HF_HUB_OFFLINE": "0"})
     assert env["HF_HUB_OFFLINE"] == "0"  # the user's choice stands
     assert env["HF_DATASETS_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == env["HF_HUB_DISABLE_TELEMETRY"] == "1"
+
+
+def test_an_expectation_selects_an_auto_setting_by_what_it_resolved_to(tmp_path: Path):
+    """``compute_dtype: auto`` becomes bf16 or fp32 in the worker: ``where: {compute_dtype: fp32}`` must judge
+    the record that computed in fp32 and leave the bf16 one alone (on the case's own "auto" it never applied)."""
+    from harness.expect import check_case
+    from harness.matrix import expand
+
+    path = tmp_path / "q.yaml"
+    path.write_text(QUANT.replace("timeout_s", "settings: {compute_dtype: auto}\nexpectations:\n"
+                                  "  - {metric: quant.rmse, max: 0.01, where: {compute_dtype: fp32}}\ntimeout_s"))
+    suite = load_suite(path)
+    case = expand(suite, path)[0]
+    assert case.params["compute_dtype"] == "auto"
+
+    def judged(dtype):
+        rec = Record(run_id="r", suite="q", case_id=case.case_id, method=case.method, status="passed",
+                     params={**case.params, "compute_dtype": dtype}, metrics={"quant.rmse": 0.09})
+        return [(r.metric, r.ok) for r in check_case(case, suite.expectations, rec)]
+
+    assert judged("fp32") == [("quant.rmse", False)]  # 0.09 > 0.01: judged, and failed
+    assert judged("bf16") == []

@@ -379,7 +379,10 @@ def merge_costs(run_dir: Path, suite: str = "merge", quality: str = MERGE_QUALIT
                                           f"{tps:,.0f} tokens/s" if tps else "") if p)
         lines.append(f"| {r.method} | {unmerged} | " + " | ".join(_merge_cell(m, s, quality) for s in MERGED) + " |")
     runs = runs_text(records)
-    lines += ["", f"{runs[0].upper()}{runs[1:]}, suite `{suite}`, one seed: KL in nats per token of held-out text from the "
+    dtypes = sorted({str(r.params["compute_dtype"]) for r in records if r.params.get("compute_dtype")})
+    held = "" if not dtypes else f", compute {'/'.join(dtypes)} (the dequantize and original forms are held in it" + (
+        ": merged in fp32, they keep what a 16-bit merge would round away)" if dtypes == ["fp32"] else ")")
+    lines += ["", f"{runs[0].upper()}{runs[1:]}, suite `{suite}`, one seed{held}: KL in nats per token of held-out text from the "
                   f"unmerged adapter; `{quality}` change against the unmerged adapter (lower bits/byte is better); "
                   "decode speed relative to the unmerged adapter; an empty cell: the strategy does not apply."]
     return "\n".join(lines)
