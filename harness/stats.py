@@ -201,9 +201,19 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> Summary:
 
 
 def summarise(group: Group) -> dict[str, Summary]:
-    """Every numeric metric of a group over its seeds."""
+    """Every numeric metric of a group over its seeds; a timing over the seeds whose timing the noise guard did
+    not flag (a busy host's tokens/s says nothing about the method: the summary's ``n`` says how many count)."""
+    from harness.measure.noise import is_timing_metric, timing_noisy
+
+    clean = Group(group.suite, group.group_id, group.method, group.params,
+                  [r for r in group.records if not timing_noisy(r.metrics)])
     names = dict.fromkeys(k for r in group.records for k in r.metrics)
-    return {n: t_interval(group.values(n)) for n in names if len(group.values(n))}
+    out = {}
+    for n in names:
+        values = (clean if is_timing_metric(n) else group).values(n)
+        if len(values):
+            out[n] = t_interval(values)
+    return out
 
 
 # -- differences and ratios against a reference -------------------------------------------------------

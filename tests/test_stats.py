@@ -303,6 +303,31 @@ def test_a_case_whose_timing_was_noisy_is_left_out_of_the_speed_ratio():
     assert memory.n_seeds == (5, 5) and memory.estimate == pytest.approx(0.8)
 
 
+def test_a_noisy_timing_is_left_out_of_its_groups_summary_and_the_table_says_so(tmp_path):
+    """lora-bf16's seed 2 ran while another process took the cores (173 tokens/s, flagged): the group's tokens/s
+    is that of its four clean seeds, shown with n=4; its memory figure keeps all five."""
+    from harness.records import write_json_atomic, write_record
+    from harness.report import headline
+
+    recs = _speed_session("blocks")
+    for r in recs:
+        r.metrics["train.tensor_peak_gib"] = 0.05
+    slow = next(r for r in recs if r.method == "lora-bf16" and r.params["seed"] == 2)
+    slow.metrics.update({"train.tokens_per_s": 173.0, "train.timing_clean": 0.0})
+    [ref] = [g for g in stats.groups(recs) if g.method == "lora-bf16"]
+    clean = [r.metrics["train.tokens_per_s"] for r in ref.records if r is not slow]
+    summary = stats.summarise(ref)
+    assert summary["train.tokens_per_s"].n == 4 and summary["train.tokens_per_s"].mean == pytest.approx(np.mean(clean))
+    assert summary["train.tensor_peak_gib"].n == 5
+    run = tmp_path / "noisy"
+    write_json_atomic(run / "run.json", {"run_id": "noisy", "started_at": "2026-11-30T06:00:00+00:00"})
+    for rec in recs:
+        rec.run_id, rec.suite, rec.case_id = "noisy", "speed", rec.case_id.replace("q[", "speed[")
+        write_record(run, rec)
+    row = next(x for x in headline.speed_table(run).splitlines() if x.startswith("| lora-bf16 (n=5) |"))
+    assert f"{np.mean(clean):,.0f} ± " in row and "(n=4)" in row.split("|")[2] and "(n=4)" not in row.split("|")[4]
+
+
 @pytest.mark.parametrize("order", ["blocks", "file"])
 def test_headline_and_speed_table_say_how_the_cases_ran(tmp_path, order):
     """The sentence beside a speed ratio is generated from the records' start times: side by side in blocks, or

@@ -71,6 +71,8 @@ def _group_cell(g: stats.Group, summary: dict[str, stats.Summary], metric: str |
     text = fmt.format(s.mean / scale)
     if s.n > 1 and s.half_width == s.half_width and s.half_width > 0:
         text += " ± " + fmt.format(s.half_width / scale).lstrip("+")
+    if s.n < len(g.records):  # seeds without the metric, or whose timing the noise guard flagged
+        text += f" (n={s.n})"
     if metric is None and M.MC_BASE_ACC in summary:
         text = f"{summary[M.MC_BASE_ACC].mean:.3f} → {text}"
     return text
