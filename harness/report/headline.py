@@ -226,20 +226,17 @@ def speed_table(run_dir: Path, suite: str = "speed") -> str:
             cells.append(_group_cell(g, summ, m, fmt) + (f" · {_ratio_text(r)}" if r else ""))
         lines.append(f"| {g.method} (n={len(g.records)}) | " + " | ".join(cells) + " |")
     timed = [r for r in st.get("ratios", []) if r["metric"] == M.TOKENS_PER_S and r.get("lo") is not None]
+    if timed:
+        lines += ["", f"Tokens/s: {ratio_verdict(timed, ref)} {design_text(timed, ref)}"]
     seeds = max((len(g.records) for g in groups), default=1)
-    lines += ["", f"Tokens/s: {ratio_verdict(timed, ref)} {design_text(timed, ref)}" if timed else "", "",
-              f"{measured_on(records)}, suite `{suite}`. ±: 95% intervals over {seeds} seeds; ratio brackets: "
-              f"{_joint(st)}, over the seeds' own ratios where each seed's cases ran side by side."]
-    return "\n".join(lines if timed else lines[:-3] + lines[-1:])
+    lines += ["", f"{measured_on(records)}, suite `{suite}`. ±: 95% intervals over {seeds} seeds; ratio brackets: "
+                  f"{_joint(st)}, over the seeds' own ratios where each seed's cases ran side by side."]
+    return "\n".join(lines)
 
 
 def update_speed(readme: Path, run_dir: Path, suite: str = "speed") -> None:
     """Replace the README's speed block with ``speed_table`` of ``run_dir``."""
-    text = readme.read_text()
-    if SPEED_START not in text:
-        raise ValueError(f"{readme}: no {SPEED_START} … {SPEED_END} block")
-    new = f"{SPEED_START}\n{speed_table(run_dir, suite)}\n{SPEED_END}"
-    readme.write_text(re.sub(re.escape(SPEED_START) + r".*?" + re.escape(SPEED_END), lambda _: new, text, flags=re.S))
+    replace_block(readme, SPEED_START, SPEED_END, speed_table(run_dir, suite))
 
 
 def runs_text(records: list[Record]) -> str:
@@ -327,10 +324,17 @@ def embedded(readme: Path, start: str = START, end: str = END) -> str:
     return m.group(1)
 
 
-def update(readme: Path, run_dir: Path, suite: str = "smoke") -> None:
+def replace_block(readme: Path, start: str, end: str, body: str) -> None:
+    """Replace what stands between the README's ``start`` and ``end`` markers with ``body``."""
     text = readme.read_text()
-    new = f"{START}\n{table(run_dir, suite)}\n{END}"
-    readme.write_text(re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: new, text, flags=re.S))
+    if start not in text:
+        raise ValueError(f"{readme}: no {start} … {end} block")
+    new = f"{start}\n{body}\n{end}"
+    readme.write_text(re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: new, text, flags=re.S))
+
+
+def update(readme: Path, run_dir: Path, suite: str = "smoke") -> None:
+    replace_block(readme, START, END, table(run_dir, suite))
 
 
 MERGE_START, MERGE_END = "<!-- merge:start -->", "<!-- merge:end -->"
@@ -396,8 +400,4 @@ def has_suite(run_dir: Path, suite: str) -> bool:
 
 def update_merge(readme: Path, run_dir: Path, suite: str = "merge") -> None:
     """Replace the README's merge block with ``merge_costs`` of ``run_dir``."""
-    text = readme.read_text()
-    if MERGE_START not in text:
-        raise ValueError(f"{readme}: no {MERGE_START} … {MERGE_END} block")
-    new = f"{MERGE_START}\n{merge_costs(run_dir, suite)}\n{MERGE_END}"
-    readme.write_text(re.sub(re.escape(MERGE_START) + r".*?" + re.escape(MERGE_END), lambda _: new, text, flags=re.S))
+    replace_block(readme, MERGE_START, MERGE_END, merge_costs(run_dir, suite))
