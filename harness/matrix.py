@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from harness import sources
 from harness.spec import (
     ID_PREFIX,
     DataSpec,
@@ -79,11 +80,9 @@ def expand(suite: Suite, path: Path | str) -> list[Case]:
     ev = suite.eval
     if ev is not None and ev.heldout is not None:
         ev = ev.model_copy(update={"heldout": str((base / ev.heldout).resolve())})
-    model = suite.model
-    if model.source == "local":
-        model = model.model_copy(update={"path": str((base / model.path).resolve())})
-    if model.pretrain is not None:
-        model = model.model_copy(update={"pretrain": str((base / model.pretrain).resolve())})
+    model = sources.get(suite.model.source).resolve(suite.model, base)  # its paths made absolute
+    if model.tokenizer is not None and sources.tokenizer_is_path(model.tokenizer):
+        model = model.model_copy(update={"tokenizer": str((base / Path(model.tokenizer).expanduser()).resolve())})
     matrix = dict(suite.matrix)
     if suite.replicates > 1:  # a seed axis, last in the id: smoke[qlora-nf4-seed1]
         first = int(suite.settings.get("seed") or 0)

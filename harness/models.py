@@ -1,233 +1,33 @@
-"""Model sources (synthetic presets, local folders, hub ids), locally trained tokenizers, and loading per method."""
+"""Loading per method: the base as each method holds it, from whatever a model source made ready.
+
+Where models come from (synthetic presets, local folders, hub ids, GGUF files) is ``harness.sources``; the
+names below are kept here for the code that imported them from this module.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from harness import methods, presets
+from harness import methods, sources
 from harness.matrix import Case
+from harness.sources.base import Source, cache_dir
+from harness.sources.base import fingerprint as _fingerprint
+from harness.sources.synthetic import (
+    MAX_MATERIALIZED_PARAMS,
+    SPECIAL_TOKENS,
+    deterministic_torch,
+    pretrain,
+    train_tokenizer,
+)
 
-# Synthetic presets up to this size get a real 16-bit checkpoint on disk; larger shapes are built on the GPU.
-MAX_MATERIALIZED_PARAMS = 2_000_000_000
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
-
-
-@dataclass
-class Source:
-    """A model made ready for the stages: a 16-bit checkpoint folder (or none, for shapes built on the device)."""
-
-    checkpoint: Path | None  # HF folder with config + safetensors, loadable with from_pretrained
-    tokenizer: Path | None  # folder loadable with AutoTokenizer.from_pretrained
-    preset: Any | None  # harness.presets.Preset for synthetic sources, else None
-    info: dict[str, Any] = field(default_factory=dict)  # source, preset, parameter counts, hash
-
-
-def cache_dir() -> Path:
-    """Where synthetic checkpoints and tokenizers are kept between runs (``QLORA_HARNESS_CACHE``)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-harness"
-    return Path(os.environ.get("QLORA_HARNESS_CACHE", default))
-
-
-def _corpus_texts(paths: list[str]):
-    """Every string field of every JSONL row of the given files (text, questions, choices...)."""
-    for p in paths:
-        with open(p) as fh:
-            for line in fh:
-                if line.strip():
-                    yield from _strings(json.loads(line))
-
-
-def _strings(obj: Any):
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _strings(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _strings(v)
-
-
-def _digest(paths: list[str], extra: str) -> str:
-    h = hashlib.sha256(extra.encode())
-    for p in paths:
-        h.update(Path(p).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def train_tokenizer(corpus: list[str], vocab_size: int, out: Path):
-    """A byte-level BPE tokenizer trained here on the suite's own data, saved as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus_texts(corpus), trainer=trainer)
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    fast.save_pretrained(out)
-    return fast
-
-
-@contextlib.contextmanager
-def deterministic_torch(seed: int):
-    """One CPU thread, deterministic kernels and every RNG seeded, restored on exit.
-
-    The thread count decides how matmuls and reductions split their sums: 8 threads gave a different
-    pretrained base than 1 or 2 after 10 steps, so a machine with more cores rebuilt a different base.
-    """
-    import random
-
-    import numpy as np
-    import torch
-
-    threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        torch.set_num_threads(threads)
-
-
-def pretrain(model, tokenizer, path: str, steps: int, seed: int, batch_size: int = 16, max_length: int = 64,
-             lr: float = 2e-3) -> list[float]:
-    """A short full-parameter pretraining of a small synthetic model on the given JSONL's ``text`` rows.
-
-    Bit for bit reproducible on any machine of the same kind: run it inside ``deterministic_torch``.
-    """
-    import random
-
-    import torch
-    from rich.progress import Progress
-
-    texts = [json.loads(line)["text"] + tokenizer.eos_token for line in open(path) if line.strip()]
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=False)  # one fixed kernel path
-    model.train()
-    losses = []
-    with Progress(transient=True) as progress:
-        task = progress.add_task(f"pretraining the synthetic base on {Path(path).name}", total=steps)
-        for _ in range(steps):
-            enc = tokenizer(rng.sample(texts, min(batch_size, len(texts))), return_tensors="pt", padding=True,
-                            truncation=True, max_length=max_length)
-            labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-            loss = model(**enc, labels=labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            progress.advance(task)
-    model.eval()
-    return losses
-
-
-FULL_HASH_BYTES = 4 * 2**30  # checkpoints up to this size are hashed whole; larger ones by head and tail
-
-
-def _fingerprint(folder: Path, tokenizer: Path | None = None) -> str:
-    """A content hash of a checkpoint (every byte of its tensors and config) and of its tokenizer's files.
-
-    Above ``FULL_HASH_BYTES`` (hub checkpoints of billions of parameters) each file contributes its size and
-    first and last MiB, and the hash says so with a ``p:`` prefix.
-    """
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json"))
-    if tokenizer is not None:
-        files += sorted(f for f in Path(tokenizer).glob("*") if f.is_file())
-    full = sum(f.stat().st_size for f in files) <= FULL_HASH_BYTES
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            if full:
-                for block in iter(lambda: fh.read(2**24), b""):
-                    h.update(block)
-            else:
-                h.update(fh.read(2**20))
-                fh.seek(max(0, size - 2**20))
-                h.update(fh.read(2**20))
-    return ("" if full else "p:") + h.hexdigest()[:16]
-
-
-def _synthetic(case: Case) -> Source:
-    import torch
-    from filelock import FileLock
-
-    spec = case.model
-    preset = presets.PRESETS[spec.preset]
-    corpus = ([case.data.train] + list(case.data.tokenizer_corpus)) if case.data else []
-    if spec.pretrain:
-        corpus.append(spec.pretrain)
-    key = _digest(corpus, f"{preset}-{spec.num_layers}-{spec.pretrain_steps}-{case.settings.seed}-v2")
-    folder = cache_dir() / "synthetic" / f"{preset.name}-{key}"
-    counts = presets.param_count(preset, num_layers=spec.num_layers)
-    materialize = counts["total"] <= MAX_MATERIALIZED_PARAMS
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):  # xdist workers share the cache: one builds, the others wait
-        if not (folder / "done").exists():
-            tok_dir = folder / "tokenizer"
-            if corpus:
-                train_tokenizer(corpus, preset.vocab_size, tok_dir)
-            if materialize:
-                from transformers import AutoModelForCausalLM
-
-                config = preset.hf_config(num_layers=spec.num_layers)
-                with deterministic_torch(case.settings.seed):  # the same base on every machine of this kind
-                    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-                    if spec.pretrain:
-                        tokenizer = load_tokenizer(Source(None, tok_dir, preset))
-                        pretrain(model, tokenizer, spec.pretrain, spec.pretrain_steps, case.settings.seed)
-                # fp32 on disk: the 16-bit base is then a rounding of it, and the quant stage has a true floor
-                model.save_pretrained(folder / "checkpoint")
-            (folder / "done").write_text("ok\n")
-    checkpoint = folder / "checkpoint" if materialize else None
-    info = {
-        "source": "synthetic",
-        "preset": preset.name,
-        "shape_from": preset.source,
-        "num_layers": spec.num_layers or preset.num_hidden_layers,
-        "params": counts,
-        "fingerprint": _fingerprint(checkpoint, folder / "tokenizer" if corpus else None) if checkpoint else key,
-    }
-    return Source(checkpoint, folder / "tokenizer" if corpus else None, preset, info)
+__all__ = ["MAX_MATERIALIZED_PARAMS", "SPECIAL_TOKENS", "Source", "build_on_device", "cache_dir",
+           "deterministic_torch", "device_map", "load_base", "load_tokenizer", "prepare", "pretrain",
+           "train_tokenizer", "_fingerprint"]
 
 
 def prepare(case: Case) -> Source:
-    """Make the case's model ready: build (or reuse) a synthetic checkpoint, or point at a local / hub one."""
-    spec = case.model
-    if spec.source == "synthetic":
-        return _synthetic(case)
-    if spec.source == "local":
-        folder = Path(spec.path)
-        return Source(folder, folder, None, {"source": "local", "path": str(folder),
-                                             "fingerprint": _fingerprint(folder)})
-    from huggingface_hub import snapshot_download
-
-    # Uses the local cache when offline (HF_HUB_OFFLINE=1) and downloads when the hub is reachable.
-    folder = Path(snapshot_download(spec.hub_id, revision=spec.revision,
-                                    allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    return Source(folder, folder, None, {"source": "hub", "hub_id": spec.hub_id, "revision": spec.revision,
-                                         "fingerprint": _fingerprint(folder)})
+    """Make the case's model ready through its source (``harness.sources``): built, fetched, converted or found."""
+    return sources.prepare(case)
 
 
 def load_tokenizer(source: Source):
@@ -248,6 +48,8 @@ def load_base(source: Source, method_name: str, compute_dtype: str, quant_storag
     method = methods.get(method_name)
     kwargs: dict[str, Any] = method.from_pretrained_kwargs(compute_dtype, quant_storage)
     kwargs["device_map"] = device_map(device)
+    for key, value in source.load_kwargs.items():  # the suite's loading options (model.attn_implementation, dtype)
+        kwargs[key] = methods.torch_dtype(value) if key == "dtype" else value
     model = AutoModelForCausalLM.from_pretrained(source.checkpoint, **kwargs)
     source.info["device_map"] = sorted({str(v) for v in (getattr(model, "hf_device_map", None) or {"": "cpu"}).values()})
     return model

