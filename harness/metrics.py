@@ -26,6 +26,8 @@ REGISTRY: tuple[MetricInfo, ...] = (
     MetricInfo("*.step_cv", "", "none", 1.0, "step-time coefficient of variation"),
     MetricInfo("*tokens_per_s_mean", "tokens/s", "none", 0.10, "throughput, sum over sum (stalls included)"),
     MetricInfo("*.mfu_probe", "", "higher", 0.10, "MFU against the matmul probe's peak"),
+    MetricInfo("quant.transform.*", "", "none", 1.0, "change the weight transform made to the weights"),
+    MetricInfo("quant.weights.*", "levels", "none", 1.0, "distinct values per block of 32 weights (Q4_1: 16)"),
     MetricInfo("*.bits_per_param", "bits", "lower", 0.001, "bits per parameter"),
     MetricInfo("*.cosine", "", "higher", 0.001, "cosine similarity"),
     MetricInfo("*.rmse", "", "lower", 0.02, "RMSE"),
@@ -160,7 +162,8 @@ EMITTED: dict[str, tuple[str, ...]] = {
         "quant.serialized.bits_per_param", "quant.packed_bytes", "quant.absmax_bytes", "quant.code_bytes",
         "quant.nested_absmax_bytes", "quant.nested_bytes", "quant.linear_params", "quant.unquantized_params",
         "quant.linear_bytes", "quant.model_bytes", "quant.model_16bit_bytes", "quant.quantize_s",
-        "quant.dequantize_s",
+        "quant.dequantize_s", "quant.transform.rmse", "quant.transform.rel_error",
+        "quant.weights.block32_levels_mean", "quant.weights.block32_levels_max",
     ),
     "train": (
         "train.weight_bytes", "train.lora_bytes", "train.memory_footprint_bytes", "train.adapter_bytes",

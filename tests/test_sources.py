@@ -312,3 +312,40 @@ def test_loading_options_reach_from_pretrained(tmp_path, cache):
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32  # dtype fp32 over compute bf16
     default = models.load_base(base, "lora-bf16", "bf16", "uint8", "cpu")
     assert default.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+
+
+# --- the fidelity control for weights stored Q4_1 (quant stage, weight_transform) --------------------------
+
+def test_the_q4_1_control_puts_weights_on_16_levels_and_dither_takes_them_off(tmp_path, cache):
+    """On the tiny GGUF's Q4_1 weights: as stored every block of 32 holds at most 16 values; dithered, each weight
+    moves by at most half its block's Q4_1 step (uniformly: RMS step/sqrt(12)) and the blocks are continuous;
+    the gguf package's Q4_1 puts them back on 16 levels."""
+    import torch
+
+    from harness import models
+    from harness.stages import Context, quant
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    metrics = {}
+    for how in ("none", "dither", "dither+q4_1"):
+        suite = tmp_path / f"f-{how.replace('+', '-')}.yaml"
+        suite.write_text("name: f\ntiers: [cpu]\nmodel: {source: gguf, path: tiny.gguf}\nstages: [quant]\n"
+                         f"settings: {{weight_transform: '{how}'}}\nmatrix:\n  method: [qlora-nf4]\n")
+        case = _case(suite)
+        ctx = Context(case=case, source=models.prepare(case), device="cpu", run_dir=tmp_path, work_dir=tmp_path)
+        metrics[how] = quant.run(ctx).metrics
+    assert metrics["none"]["quant.weights.block32_levels_max"] <= 16
+    assert metrics["dither"]["quant.weights.block32_levels_mean"] > 31
+    assert metrics["dither+q4_1"]["quant.weights.block32_levels_max"] <= 16
+    assert "quant.transform.rmse" not in metrics["none"]
+
+    from gguf import GGMLQuantizationType, quants
+
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(3)) * 0.02
+    grid = torch.from_numpy(quants.dequantize(quants.quantize(w.numpy(), GGMLQuantizationType.Q4_1),
+                                              GGMLQuantizationType.Q4_1))
+    blocks = grid.reshape(-1, 32)
+    step = (blocks.amax(1, keepdim=True) - blocks.amin(1, keepdim=True)) / 15
+    moved = quant.dither(grid, torch.Generator().manual_seed(0)).reshape(-1, 32) - blocks
+    assert bool((moved.abs() <= step / 2 + 1e-9).all())
+    assert abs(moved.square().mean().sqrt().item() / (step.square().mean().sqrt().item() / 12 ** 0.5) - 1) < 0.02

@@ -9,6 +9,13 @@ For each quantizable projection W (q, k, v, o, gate, up, down of every decoder l
   ``bf16_floor`` (W rounded to bf16: the error every 16-bit method already has).
 
 Errors are measured against W in fp32 and pooled over elements (a layer weighs by its parameter count).
+
+Weights that were stored Q4_1 (a GGUF source: every block of 32 on 16 levels, ``w = d·q + m``) are not what
+4-bit methods meet in a 16-bit checkpoint. ``weight_transform`` is the control: ``dither`` adds to each block
+uniform noise over ±d/2 (d = (max − min)/15, the block's Q4_1 step; a Q4_1 value's original lies within ±d/2
+of it), giving continuous weights with the real ones' scales and outliers; ``q4_1`` is a Q4_1 round trip with
+the gguf package's own quantizer; ``dither+q4_1`` both, which should give back the grid's figures if the origin
+is what differs. ``quant.weights.block32_levels_*`` says how many distinct values a block of 32 holds.
 Storage is counted from the tensors the quantizer returns, so double quantization's nested statistics show.
 """
 
@@ -94,6 +101,42 @@ def int4_absmax(w: torch.Tensor, blocksize: int) -> torch.Tensor:
     return (q * scale).view(-1)[: flat.numel()].view_as(w)
 
 
+Q4_1_BLOCK = 32  # GGML's Q4_1: blocks of 32 along a row, 16 levels d·q + m (q in 0..15, fp16 d and m)
+
+
+def q4_1_round_trip(w: torch.Tensor) -> torch.Tensor:
+    """``w`` through GGML's Q4_1 and back, with the gguf package's quantizer (fp32, on ``w``'s device)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    q4_1 = GGMLQuantizationType.Q4_1
+    out = dequantize(quantize(w.detach().float().cpu().numpy(), q4_1), q4_1)
+    return torch.from_numpy(out).to(w.device).view_as(w)
+
+
+def dither(w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each block of 32 plus uniform noise over ±d/2, d = (max − min)/15 of the block (its Q4_1 step)."""
+    blocks = w.float().reshape(-1, Q4_1_BLOCK)
+    step = (blocks.amax(1, keepdim=True) - blocks.amin(1, keepdim=True)) / 15
+    noise = torch.rand(blocks.shape, generator=gen, device=w.device, dtype=torch.float32).sub_(0.5)
+    return blocks.add(noise.mul_(step)).view_as(w)
+
+
+def transform(w: torch.Tensor, how: str, gen: torch.Generator) -> torch.Tensor:
+    """The weight the method meets, after the case's ``weight_transform``."""
+    if "dither" in how:
+        w = dither(w, gen)
+    if "q4_1" in how:
+        w = q4_1_round_trip(w)
+    return w
+
+
+def block_levels(w: torch.Tensor) -> torch.Tensor:
+    """Distinct values in each block of 32 along a row (16 at most for weights stored Q4_1)."""
+    b = w.reshape(-1, Q4_1_BLOCK).sort(1).values
+    return 1 + (b.diff(dim=1) != 0).sum(1)
+
+
 def int4_storage(n: int, blocksize: int) -> Storage:
     """Storage of the int4 reference: 4-bit codes and one fp32 absmax per block."""
     return Storage(n, (n + 1) // 2, 4 * math.ceil(n / blocksize))
@@ -159,21 +202,23 @@ def generated_layers(ctx: Context, dist: str) -> tuple[Iterator[Layer], int]:
 
 
 def checkpoint_layers(ctx: Context) -> tuple[Iterator[Layer], int]:
-    """A checkpoint's linears, read one tensor at a time with safe_open, and its unquantized param count."""
+    """A checkpoint's linears (of its first ``model.num_layers`` layers, when set), read one tensor at a time with
+    safe_open, and its unquantized param count."""
     from safetensors import safe_open
 
     files = sorted(Path(ctx.source.checkpoint).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {ctx.source.checkpoint}")
     linears: list[tuple[int, int, str, Path]] = []  # (layer, type order, key, file)
+    keep = ctx.case.model.num_layers  # only the first N decoder layers (a slice of a large checkpoint)
     other = 0
     for f in files:
         with safe_open(f, framework="pt") as fh:
             for key in fh.keys():
                 m = LINEAR_KEY.search(key)
-                if m:
+                if m and (keep is None or int(m[1]) < keep):
                     linears.append((int(m[1]), PROJECTIONS.index(m[2]), key, f))
-                else:
+                elif not m:
                     other += math.prod(fh.get_slice(key).get_shape())
     device = torch.device(ctx.device)
 
@@ -213,12 +258,21 @@ def run(ctx: Context, inputs: Inputs | None = None) -> StageOutput:
     if method.quantized:  # first calls load kernels; keep them out of the timings
         roundtrip(torch.linspace(-1, 1, WARMUP_NUMEL, device=device).view(-1, 64))
 
-    total, int4, floor = ErrorStats(), ErrorStats(), ErrorStats()
+    total, int4, floor, moved = ErrorStats(), ErrorStats(), ErrorStats(), ErrorStats()
+    gen = torch.Generator(device=device).manual_seed(s.seed + 1)  # the dither's own numbers
+    levels_sum, levels_max, n_blocks = 0, 0, 0
     by_type: dict[str, ErrorStats] = {}
     stored, int4_stored = Storage(), Storage()
     quantize_s = dequantize_s = 0.0
     rows = []
     for i, kind, name, w in layers:
+        if s.weight_transform != "none":
+            original, w = w, transform(w, s.weight_transform, gen)
+            moved += ErrorStats.of(original, w)
+            del original
+        if w.shape[-1] % Q4_1_BLOCK == 0:
+            lv = block_levels(w)
+            levels_sum, levels_max, n_blocks = levels_sum + int(lv.sum()), max(levels_max, int(lv.max())), n_blocks + lv.numel()
         w_hat, st, tq, tdq = roundtrip(w)
         err = ErrorStats.of(w, w_hat)
         del w_hat
@@ -249,6 +303,11 @@ def run(ctx: Context, inputs: Inputs | None = None) -> StageOutput:
             m.update({f"quant.{kind}.{k}": v for k, v in by_type[kind].metrics().items()})
     m.update({f"quant.int4_ref.{k}": v for k, v in int4.metrics().items()})
     m.update({f"quant.bf16_floor.{k}": v for k, v in floor.metrics().items()})
+    if s.weight_transform != "none":
+        m.update({f"quant.transform.{k}": moved.metrics()[k] for k in ("rmse", "rel_error")})
+    if n_blocks:
+        m["quant.weights.block32_levels_mean"] = levels_sum / n_blocks
+        m["quant.weights.block32_levels_max"] = levels_max
     if m["quant.rmse"] > 0:  # 0 for lora-bf16 on a checkpoint already stored in bf16
         m["quant.int4_over_method_rmse_ratio"] = m["quant.int4_ref.rmse"] / m["quant.rmse"]
     m["quant.int4_ref.bits_per_param"] = int4_stored.bits_per_param
@@ -265,7 +324,8 @@ def run(ctx: Context, inputs: Inputs | None = None) -> StageOutput:
         m["quant.quantize_s"], m["quant.dequantize_s"] = quantize_s, dequantize_s
     settings = {"method": method.name, "label": method.label,
                 "blocksize": s.blocksize, "compute_dtype": s.compute_dtype if method.quantized else "bf16",
-                "quant_storage": s.quant_storage, "weight_source": s.weight_source, "device": str(device),
+                "quant_storage": s.quant_storage, "weight_source": s.weight_source,
+                "weight_transform": s.weight_transform, "device": str(device),
                 "layers": len(rows), "int4_ref": f"symmetric absmax, round(x*{INT4_LEVELS}/absmax) in "
                 f"[-{INT4_LEVELS}, {INT4_LEVELS}], blocksize {s.blocksize}, fp32 absmax"}
     return StageOutput(metrics=m, tables={"quant.layers": rows, "quant.settings": [settings]})
