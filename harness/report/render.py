@@ -125,7 +125,8 @@ def _model_text(model: dict[str, Any]) -> str:
     if not model:
         return ""
     parts = [str(model.get("source", ""))]
-    name = model.get("preset") or model.get("hub_id") or model.get("path") or model.get("name")
+    name = (model.get("preset") or model.get("hub_id") or model.get("model_id") or model.get("path")
+            or model.get("name"))
     if name:
         parts.append(str(name))
     params = model.get("parameters") or model.get("param_count") or model.get("params")
