@@ -230,12 +230,13 @@ HUB_SCRIPT = """
 import json, sys
 from harness import matrix, models, spec
 from harness.sources import SourceError
-case = matrix.expand(spec.load_suite(sys.argv[1]), sys.argv[1])[0]
-try:
-    src = models.prepare(case)
-    print(json.dumps({"checkpoint": str(src.checkpoint), "info": src.info}))
-except SourceError as exc:
-    print(json.dumps({"error": str(exc)}))
+for path in sys.argv[1:]:
+    case = matrix.expand(spec.load_suite(path), path)[0]
+    try:
+        src = models.prepare(case)
+        print(json.dumps({"checkpoint": str(src.checkpoint), "info": src.info}))
+    except SourceError as exc:
+        print(json.dumps({"error": str(exc)}))
 """
 
 
@@ -257,25 +258,27 @@ def _hub_cache(tmp_path: Path) -> Path:
     return tmp_path / "hub"
 
 
-def _run_hub(tmp_path: Path, model: str, name: str) -> dict:
-    suite = _suite(tmp_path, model, name)
+def _run_hub(tmp_path: Path, models: dict[str, str]) -> list[dict]:
+    """Each suite's model prepared in one fresh process whose environment points the hub at the fake cache."""
+    suites = [str(_suite(tmp_path, model, name)) for name, model in models.items()]
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
            "QLORA_HARNESS_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(suite)], env=env, cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", HUB_SCRIPT, *suites], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=300, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in out.stdout.strip().splitlines()[-len(suites):]]
 
 
 def test_a_hub_id_loads_from_the_hub_cache_offline_and_a_miss_is_one_line(tmp_path):
     _hub_cache(tmp_path)
-    hit = _run_hub(tmp_path, "{source: hub, hub_id: org/tiny}", "hit")
+    hit, miss, tok_miss = _run_hub(tmp_path, {
+        "hit": "{source: hub, hub_id: org/tiny}", "miss": "{source: hub, hub_id: org/absent}",
+        "tmiss": "{source: local, path: hub/models--org--tiny/snapshots/0123456789abcdef0123456789abcdef01234567, "
+                 "tokenizer: org/absent-tok}"})
     assert Path(hit["checkpoint"]).parent.name == "snapshots"
     assert hit["info"]["commit"] == "0123456789abcdef0123456789abcdef01234567"
     assert (Path(hit["checkpoint"]) / "chat_template.jinja").is_file()
-    miss = _run_hub(tmp_path, "{source: hub, hub_id: org/absent}", "miss")
     assert miss == {"error": "model.hub_id org/absent: not in the local cache: set HF_HUB_OFFLINE=0 or fetch it"}
-    tok_miss = _run_hub(tmp_path, "{source: synthetic, preset: tiny-llama, tokenizer: org/absent-tok}", "tmiss")
     assert tok_miss == {"error": "model.tokenizer org/absent-tok: not in the local cache: set HF_HUB_OFFLINE=0 or "
                                  "fetch it"}
 
