@@ -273,5 +273,45 @@ def for_case(case, device: str) -> Estimate | None:
 
     if case.model.source != "synthetic":
         return None
-    return estimate(presets.PRESETS[case.model.preset], resolve_compute_dtype(case.settings, device),
-                    num_layers=case.model.num_layers, device=device)
+    settings = resolve_compute_dtype(case.settings, device)
+    if settings.strategy != "none":  # a case over ranks: what one rank holds
+        return per_rank(presets.PRESETS[case.model.preset], settings, world_size=settings.nproc * settings.nnodes,
+                        num_layers=case.model.num_layers, device=device)
+    return estimate(presets.PRESETS[case.model.preset], settings, num_layers=case.model.num_layers, device=device)
+
+
+def per_rank(preset: Preset, settings: Settings, *, world_size: int, strategy: str | None = None,
+             **kw) -> Estimate:
+    """Predicted peak memory of one rank of a case trained on ``world_size`` ranks (``strategy``, default the
+    settings'), each rank on its own micro-batch of ``batch_size`` rows; ``kw`` as for :func:`estimate`.
+
+    - ``fsdp2`` (``fully_shard`` on every decoder layer, then on the root): every parameter, gradient and AdamW
+      state is split over the ranks (weights, LoRA, gradients and optimizer divided by N), and what is gathered
+      whole for the moment joins the workspace: the root group's parameters (embeddings, final norm, lm_head:
+      gathered for the forward and again for the backward), two decoder layers' parameters (the one computing
+      and the one prefetched) and one layer's LoRA gradients before their reduce-scatter.
+    - ``ddp``: every rank holds a whole replica, and DDP's gradient buckets hold a second copy of the LoRA
+      gradients (workspace).
+    - Activations, the loss buffers and the transients are each rank's own, as in one process.
+    """
+    from dataclasses import replace
+
+    strategy = strategy or settings.strategy
+    est = estimate(preset, settings, **kw)
+    n = max(int(world_size), 1)
+    if strategy == "ddp":
+        return replace(est, workspace_gib=est.workspace_gib + est.gradients_gib)
+    if strategy != "fsdp2":
+        return est
+    method = get_method(settings.method)
+    layers = kw.get("num_layers") or preset.num_hidden_layers
+    vocab = kw.get("vocab_size") or preset.vocab_size
+    counts = param_count(preset, vocab_size=vocab, num_layers=layers)
+    rest_bytes = precision.unquantized_bytes(settings.precision, method.quantized, DTYPE_BYTES[settings.compute_dtype])
+    root = (counts["embed"] + counts["lm_head"] + preset.hidden_size) * rest_bytes / GIB
+    layer = (est.weights_gib - root) / layers  # one decoder layer: its linears as stored and its two norms
+    lora_layer, grad_layer = est.lora_gib / layers, est.gradients_gib / layers
+    gathered = root + 2 * (layer + lora_layer) + grad_layer
+    return replace(est, weights_gib=est.weights_gib / n, lora_gib=est.lora_gib / n,
+                   gradients_gib=est.gradients_gib / n, optimizer_gib=est.optimizer_gib / n,
+                   optimizer_paged_gib=est.optimizer_paged_gib / n, workspace_gib=est.workspace_gib + gathered)

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from harness import sources
+from harness import launchers, sources
 from harness.spec import (
     ID_PREFIX,
     DataSpec,
@@ -95,6 +95,9 @@ def expand(suite: Suite, path: Path | str) -> list[Case]:
         fixed = {k: v for k, v in suite.settings.items() if k not in axes}
         settings: Settings = validate_settings(path, {**fixed, **axes}, "matrix")
         cid = case_id(suite.name, axes)
+        why = launchers.get(settings.launcher).check(settings, tuple(suite.stages))
+        if why:
+            raise SpecError(path, "matrix" if "launcher" in axes or "strategy" in axes else "settings", f"{cid}: {why}")
         if cid in seen:
             raise SpecError(path, "matrix", f"duplicate case id {cid} (combinations {seen[cid]} and {n})")
         seen[cid] = n

@@ -21,6 +21,9 @@ class MetricInfo:
 # First match wins: put specific patterns before general ones.
 REGISTRY: tuple[MetricInfo, ...] = (
     MetricInfo("*.noise.*", "", "none", 1.0, "noise guard figure"),
+    MetricInfo("*.world_size", "ranks", "none", 0.0, "ranks of the job"),
+    MetricInfo("*.fsdp_modules", "modules", "none", 0.0, "modules FSDP2 shards (read from the wrapped model)"),
+    MetricInfo("*.dtensor_param_share", "", "none", 0.0, "share of parameters held as DTensors (FSDP2 shards)"),
     MetricInfo("*.timing_clean", "", "none", 1.0, "timing clean (1) or noisy (0)"),
     MetricInfo("*.stalled_steps", "steps", "none", 1.0, "steps over 3x the median step"),
     MetricInfo("*.step_cv", "", "none", 1.0, "step-time coefficient of variation"),
@@ -117,6 +120,11 @@ EST_CONTEXT = "estimate.context_gib"
 EST_TOTAL = "estimate.total_gib"
 EST_ALLOCATOR = "estimate.allocator_gib"
 EST_AT_PROFILED_STEP = "estimate.at_profiled_step_gib"
+# cases over ranks: one rank's figure is f"{RANK_PREFIX}{r}.{name}", the max and sum over ranks RANKS_MAX/SUM + name
+RANK_PREFIX, RANKS_MAX, RANKS_SUM = "train.rank", "train.ranks_max.", "train.ranks_sum."
+WORLD_SIZE = "train.world_size"
+STRATEGY_TABLE = "train.strategy"  # a table: the strategy set and the one read back from the wrapped model
+RANKS_TABLE = "train.ranks"  # a table: one row a rank
 
 
 def eval_metric(task: str, metric: str, variant: str = "adapter") -> str:
@@ -180,6 +188,8 @@ EMITTED: dict[str, tuple[str, ...]] = {
         "train.*_gib", "train.*_gb", "train.gpu*", "train.*tokens_per_s*", "train.step_*", "train.stalled_steps",
         "train.timing_clean", "train.noise.*", "train.instrumentation_*",
         "train.*_ratio", "train.mfu*", "train.*_tflops", "train.healthy",
+        # cases over ranks (harness/stages/train_distributed.py): per rank, max and sum over ranks, the wrapping
+        "train.world_size", "train.fsdp_modules", "train.dtensor_param_share", "train.rank*", "train.ranks_*",
     ),
     "estimate": ("estimate.*_gib", "estimate.bits_per_param", "estimate.trainable_params",
                  "estimate.tokens_per_batch", "estimate.profiled_step_tokens"),

@@ -167,7 +167,12 @@ def pytest_collection_modifyitems(session, config, items):
             kept.append(item)
             continue
         now, then = (json.loads(json.dumps(p, sort_keys=True, default=str)) for p in (item.case.params, old.params))
-        # "auto" settings are resolved by the worker on this kind of machine, and the record keeps what they became
+        # "auto" settings are resolved by the worker on this kind of machine, and the record keeps what they became;
+        # a setting added since the earlier run was recorded ran there at its default
+        from harness.spec import Settings
+
+        defaults = json.loads(Settings().model_dump_json())
+        then = {**{k: v for k, v in defaults.items() if k not in then}, **then}
         differ = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and now.get(k) != "auto")
         if differ:
             raise pytest.UsageError(f"--extends {run.extends}: {item.case.case_id} ran there with other settings "

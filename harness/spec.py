@@ -96,11 +96,27 @@ class Settings(Strict):
     gen_batch_sizes: str = "1,8"
     # isolation
     memory_limit_gib: float | None = Field(None, gt=0)  # address-space limit of the worker (CPU OOM tests)
+    # how the case's worker runs (harness/launchers/): "process" (one), or "torchrun" (nproc ranks per node)
+    launcher: str = "process"
+    nproc: int = Field(1, ge=1)  # ranks per node (torchrun; on GPUs one rank per GPU)
+    nnodes: int = Field(1, ge=1)  # nodes; more than one needs rdzv_endpoint
+    rdzv_endpoint: str | None = None  # host:port of the c10d rendezvous every node joins (torchrun --rdzv-endpoint)
+    # how the ranks hold the model: FSDP2 (fully_shard per decoder layer, then the root) or DDP (replicated)
+    strategy: Literal["none", "fsdp2", "ddp"] = "none"
+    dist_timeout_s: float = Field(300, gt=0)  # a rank waiting in a collective longer than this fails
 
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
         methods.get(v)
+        return v
+
+    @field_validator("launcher")
+    @classmethod
+    def _launcher(cls, v: str) -> str:
+        from harness import launchers
+
+        launchers.get(v)
         return v
 
     @field_validator("merge_strategy")
@@ -150,7 +166,8 @@ ID_PREFIX = {
     "target_modules": "", "compute_dtype": "", "optimizer": "", "weight_source": "", "method": "",
     "weight_transform": "",
     "precision": "", "merge_strategy": "", "gen_prompt_tokens": "prompt", "gen_new_tokens": "new",
-    "gen_repeats": "rep", "gen_batch_sizes": "gbs",
+    "gen_repeats": "rep", "gen_batch_sizes": "gbs", "launcher": "", "nproc": "np", "nnodes": "nodes",
+    "rdzv_endpoint": "rdzv", "strategy": "", "dist_timeout_s": "pgtimeout",
 }
 
 

@@ -17,8 +17,7 @@ from harness import sources
 from harness.matrix import Case
 from harness.records import Record, one_line, utcnow, write_text_atomic
 
-STAGE_MODULES = {"quant": "harness.stages.quant", "train": "harness.stages.train", "eval": "harness.stages.evaluate",
-                 "generate": "harness.stages.generate"}
+from harness.launchers.base import STAGE_MODULES  # noqa: F401 - the one-process stages (launchers choose)
 LOG_TAIL = 2000  # characters of the worker's log kept in an error record
 
 
@@ -126,7 +125,7 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
     """All of a case's stages in this process; the record says passed (ran), oom or error."""
     import torch
 
-    from harness import methods, models
+    from harness import launchers, methods, models
     from harness.measure import machine, memory
     from harness.stages import Context, Inputs, StageOutput
 
@@ -142,7 +141,8 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
     try:
         if device == "cuda":
             record.env = {**record.env, "cuda_context": memory.create_cuda_context(sampler, record.metrics)}
-        stage_modules = [importlib.import_module(STAGE_MODULES[s]) for s in case.stages]
+        launcher = launchers.get(case.settings.launcher)
+        stage_modules = [importlib.import_module(launcher.stage_module(s)) for s in case.stages]
         if case.settings.memory_limit_gib:
             # load the libraries before the cap, so the cap meets the model and not a library's mapping
             for name in ("transformers", "peft", *methods.get(case.method).packages):
@@ -214,11 +214,23 @@ def worker_env(case: Case, environ: dict[str, str] | None = None) -> dict[str, s
 
 
 def _end_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the worker's process group (the worker and anything it started) and reap the worker."""
+    """SIGKILL the worker's process group (the worker and anything it started), every process under the worker
+    that made a session of its own (torchrun starts each rank in one), and reap the worker."""
+    import psutil
+
+    try:
+        below = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        below = []
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    for child in below:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
     proc.wait()
     _live.pop(proc.pid, None)
 
@@ -259,10 +271,13 @@ def run_isolated(case: Case, run_id: str, run_dir: Path, work_dir: Path, timeout
     work_dir.mkdir(parents=True, exist_ok=True)
     case_file, result_file, log_file = work_dir / "case.json", work_dir / "result.json", work_dir / "worker.log"
     case_file.write_text(case.model_dump_json(indent=1))
-    result_file.unlink(missing_ok=True)
     timeout_s = timeout_s or case.timeout_s
     capped = bool(case.settings.memory_limit_gib)
-    cmd = [sys.executable, "-m", "harness.worker", str(case_file), str(result_file), run_id, str(run_dir)]
+    from harness import launchers
+
+    launcher = launchers.get(case.settings.launcher)
+    launcher.clear(result_file)
+    cmd = launcher.command(case, case_file, result_file, run_id, run_dir)
     started = utcnow()
     t = time.perf_counter()
     kills_before = oom_kill_count()
@@ -281,14 +296,18 @@ def run_isolated(case: Case, run_id: str, run_dir: Path, work_dir: Path, timeout
             raise
         _end_group(proc)  # anything the worker left behind in its group
     kills_after = oom_kill_count()
-    if not hung and result_file.exists():
-        return Record.model_validate_json(result_file.read_text())
-    tail = log_file.read_text(errors="replace")[-LOG_TAIL:]
+    log = log_file.read_text(errors="replace")[-20 * LOG_TAIL:]
+    record = None if hung else launcher.collect(case, result_file, log)
+    if record is not None:
+        return record
+    tail = log[-LOG_TAIL:]
     if hung:
         status, message = "error", f"timed out after {timeout_s:.0f} s (per-case timeout): worker killed"
     else:
         delta = None if kills_before is None or kills_after is None else kills_after - kills_before
         status, message = classify_exit(code, tail, capped, delta)
+        why = launcher.explain(log)
+        message += f": {why}" if why else ""
     from harness.measure import machine
 
     return Record(run_id=run_id, suite=case.suite, case_id=case.case_id, method=case.method, params=case.params,
@@ -334,10 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     _guard_parent()
     case_file, result_file, run_id, run_dir = (argv or sys.argv[1:])[:4]
     case = Case.model_validate_json(Path(case_file).read_text())
-    record = execute(case, run_id, Path(run_dir), Path(case_file).parent)
-    write_text_atomic(Path(result_file), record.model_dump_json(indent=1))
-    return 0
+    from harness import launchers
 
+    launcher = launchers.get(case.settings.launcher)
+    with launcher.rank(case) as rank:
+        record = execute(case, run_id, Path(run_dir), Path(case_file).parent)
+        write_text_atomic(launcher.result_path(Path(result_file), rank), record.model_dump_json(indent=1))
+    return launcher.exit_code(record)
 
 if __name__ == "__main__":
     sys.exit(main())

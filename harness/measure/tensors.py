@@ -30,17 +30,26 @@ def live_tensors(model, optimizer=None) -> list[Any]:
     gradients, optimizer state."""
     out: list[Any] = []
     for p in model.parameters():
-        out.append(p)
+        out.append(_local(p))
         if p.grad is not None:
-            out.append(p.grad)
+            out.append(_local(p.grad))
         state = getattr(p, "quant_state", None)
         if state is not None:
+            out.extend(_tensors_of_quant_state(state))
+    for m in model.modules():  # FSDP2 replaces a 4-bit weight by its shard; the layer keeps the quant state
+        state = getattr(m, "quant_state", None)
+        if state is not None and hasattr(state, "absmax"):
             out.extend(_tensors_of_quant_state(state))
     out.extend(model.buffers())
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the real optimizer
     for st in getattr(inner, "state", {}).values():
-        out.extend(t for t in (st.values() if isinstance(st, dict) else []) if hasattr(t, "untyped_storage"))
+        out.extend(_local(t) for t in (st.values() if isinstance(st, dict) else []) if hasattr(t, "untyped_storage"))
     return out
+
+
+def _local(t):
+    """This process's part of a tensor: the local shard of a DTensor (FSDP2), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def storage_bytes(tensors: Iterable[Any]) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from harness import methods
 from harness.matrix import Case
 from harness.models import Source
 
@@ -77,3 +78,32 @@ def free(device: str) -> None:
         import torch
 
         torch.cuda.empty_cache()
+
+
+PROJECTION_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                    "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def lora_config(settings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=[PROJECTION_NAMES[t] for t in settings.target_modules.split(",")],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_for_training(ctx: Context):
+    """The method's base, prepared by the method (``prepare_model_for_kbit_training`` for kbit bases), with LoRA."""
+    from peft import get_peft_model
+
+    from harness import models
+
+    s = ctx.case.settings
+    model = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device)
+    model = methods.get(s.method).prepare_for_training(model, s)
+    return get_peft_model(model, lora_config(s))

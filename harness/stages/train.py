@@ -9,10 +9,9 @@ from pathlib import Path
 
 from harness import methods, precision
 from harness.measure import health, memory, noise, steps, tensors
-from harness.stages import Context, Inputs, StageOutput, TrainedAdapter, free, sync
+from harness.stages import (  # noqa: F401 - lora_config and load_for_training are shared with the distributed loop
+    PROJECTION_NAMES, Context, Inputs, StageOutput, TrainedAdapter, free, load_for_training, lora_config, sync)
 
-PROJECTION_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-                    "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
 class TokenCounter:
@@ -139,31 +138,6 @@ def weight_bytes(model, method) -> dict[str, float]:
             base += method.param_storage(p).total_bytes
     return {"train.weight_bytes": float(base), "train.lora_bytes": float(lora),
             "train.memory_footprint_bytes": float(model.get_memory_footprint())}
-
-
-def lora_config(settings):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=[PROJECTION_NAMES[t] for t in settings.target_modules.split(",")],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def load_for_training(ctx: Context):
-    """The method's base, prepared by the method (``prepare_model_for_kbit_training`` for kbit bases), with LoRA."""
-    from peft import get_peft_model
-
-    from harness import models
-
-    s = ctx.case.settings
-    model = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device)
-    model = methods.get(s.method).prepare_for_training(model, s)
-    return get_peft_model(model, lora_config(s))
 
 
 def run(ctx: Context, inputs: Inputs) -> StageOutput:
