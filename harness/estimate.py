@@ -275,7 +275,10 @@ def for_case(case, device: str) -> Estimate | None:
         return None
     settings = resolve_compute_dtype(case.settings, device)
     if settings.strategy != "none":  # a case over ranks: what one rank holds
-        return per_rank(presets.PRESETS[case.model.preset], settings, world_size=settings.nproc * settings.nnodes,
+        from harness.launchers.torchrun import ranks_per_node
+
+        return per_rank(presets.PRESETS[case.model.preset], settings,
+                        world_size=ranks_per_node(settings) * settings.nnodes,
                         num_layers=case.model.num_layers, device=device)
     return estimate(presets.PRESETS[case.model.preset], settings, num_layers=case.model.num_layers, device=device)
 

@@ -98,7 +98,8 @@ class Settings(Strict):
     memory_limit_gib: float | None = Field(None, gt=0)  # address-space limit of the worker (CPU OOM tests)
     # how the case's worker runs (harness/launchers/): "process" (one), or "torchrun" (nproc ranks per node)
     launcher: str = "process"
-    nproc: int = Field(1, ge=1)  # ranks per node (torchrun; on GPUs one rank per GPU)
+    # ranks per node (torchrun): a number, or "auto": one per GPU the machine has (2 on a machine without one)
+    nproc: int | Literal["auto"] = 1
     nnodes: int = Field(1, ge=1)  # nodes; more than one needs rdzv_endpoint
     rdzv_endpoint: str | None = None  # host:port of the c10d rendezvous every node joins (torchrun --rdzv-endpoint)
     # how the ranks hold the model: FSDP2 (fully_shard per decoder layer, then the root) or DDP (replicated)
@@ -117,6 +118,13 @@ class Settings(Strict):
         from harness import launchers
 
         launchers.get(v)
+        return v
+
+    @field_validator("nproc")
+    @classmethod
+    def _nproc(cls, v: int | str) -> int | str:
+        if v != "auto" and int(v) < 1:
+            raise ValueError(f"nproc {v}: expected a positive number of ranks per node, or auto")
         return v
 
     @field_validator("merge_strategy")

@@ -14,10 +14,10 @@ import traceback
 from pathlib import Path
 
 from harness import sources
+from harness.launchers.base import STAGE_MODULES  # noqa: F401 - the one-process stages (launchers choose)
 from harness.matrix import Case
 from harness.records import Record, one_line, utcnow, write_text_atomic
 
-from harness.launchers.base import STAGE_MODULES  # noqa: F401 - the one-process stages (launchers choose)
 LOG_TAIL = 2000  # characters of the worker's log kept in an error record
 
 
@@ -169,7 +169,8 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
                 record.status, record.message = "failed", "; ".join(out.failures)
             print(f"[{case.case_id}] {stage} done in {record.timings_s[stage]:.1f} s", flush=True)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a record
-        (work_dir / "traceback.txt").write_text(traceback.format_exc())
+        rank = f".rank{os.environ['RANK']}" if case.settings.launcher != "process" and "RANK" in os.environ else ""
+        (work_dir / f"traceback{rank}.txt").write_text(traceback.format_exc())
         at_failure = memory.memory_now()
         record.status = "oom" if is_oom(exc, capped=bool(case.settings.memory_limit_gib)) else "error"
         where = f" (in stage {stage})" if "stage" in locals() else ""
@@ -270,12 +271,13 @@ def run_isolated(case: Case, run_id: str, run_dir: Path, work_dir: Path, timeout
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     case_file, result_file, log_file = work_dir / "case.json", work_dir / "result.json", work_dir / "worker.log"
-    case_file.write_text(case.model_dump_json(indent=1))
-    timeout_s = timeout_s or case.timeout_s
-    capped = bool(case.settings.memory_limit_gib)
     from harness import launchers
 
     launcher = launchers.get(case.settings.launcher)
+    case = launcher.resolve(case)  # e.g. nproc "auto": one rank per GPU of this machine
+    case_file.write_text(case.model_dump_json(indent=1))
+    timeout_s = timeout_s or case.timeout_s
+    capped = bool(case.settings.memory_limit_gib)
     launcher.clear(result_file)
     cmd = launcher.command(case, case_file, result_file, run_id, run_dir)
     started = utcnow()

@@ -215,3 +215,46 @@ def test_torchrun_command_passes_rendezvous_options_through(cases):
     assert "--standalone" not in cmd and cmd[cmd.index("-m", 3):][:2] == ["-m", "harness.worker"]
     single = launchers.get("torchrun").command(case, Path("c.json"), Path("r.json"), "run1", Path("."))
     assert "--standalone" in single and "--nproc-per-node=2" in single and "--max-restarts=0" in single
+
+
+def _rec(method: str, strategy: str, status: str = "passed", in_force: str | None = None, message: str = "",
+         metrics: dict | None = None) -> Record:
+    return Record(run_id="20261201T000000Z-x", suite="distributed", case_id=f"distributed[{method}-{strategy}]",
+                  method=method, params={"method": method, "strategy": strategy, "launcher": "torchrun"},
+                  status=status, message=message, metrics=metrics or {},
+                  tables={"train.strategy": [{"setting": strategy, "in_force": in_force or strategy}]})
+
+
+def test_the_compatibility_table_and_per_rank_table_come_from_the_records(tmp_path):
+    """The report's handling of hand-made records: a cell works only where the case passed and the wrapped model
+    had the strategy set; otherwise the record's own failure."""
+    from harness.records import write_json_atomic, write_record
+    from harness.report.distributed import compat_table, ranks_table
+    from harness.report.render import render_run
+
+    per_rank = {"train.world_size": 2.0, "train.rank0.tensor_peak_gib": 0.0166, "train.rank1.tensor_peak_gib": 0.016,
+                "train.rank0.estimate_gib": 0.018, "train.rank1.estimate_gib": 0.017,
+                "train.ranks_max.tensor_peak_gib": 0.0166, "train.ranks_sum.tensor_peak_gib": 0.0326}
+    records = [_rec("qlora-nf4-dq", "fsdp2", metrics=per_rank), _rec("qlora-nf4-dq", "ddp"),
+               _rec("qlora-fp4", "fsdp2", "failed", "ddp", "strategy fsdp2 was set but the model is wrapped as ddp"),
+               _rec("qlora-fp4", "ddp", "error", None, "rank 1 of 2: RuntimeError: Cannot flatten integer dtype")]
+    table = compat_table(records)
+    assert table.strategies == ["fsdp2", "ddp"]
+    cells = {r["method"]: r["cells"] for r in table.rows}
+    assert cells["qlora-nf4-dq"] == ["works", "works"]
+    assert cells["qlora-fp4"] == ["fails: wrapped as ddp, not fsdp2",
+                                  "fails (error): rank 1 of 2: RuntimeError: Cannot flatten integer dtype"]
+    assert "| qlora-fp4 | fails: wrapped as ddp" in table.markdown()
+    ranks = ranks_table(records)
+    assert [r["rank"] for r in ranks.rows] == ["0", "1", "max", "sum"]
+    assert ranks.rows[0]["cells"][:2] == ["0.01660", "0.01800"]
+    assert compat_table([r.model_copy(update={"params": {"method": "x"}}) for r in records]) is None
+
+    run = tmp_path / "results" / "20261201T000000Z-x"
+    write_json_atomic(run / "run.json", {"run_id": run.name, "started_at": "2026-12-01T00:00:00+00:00", "env": {},
+                                         "suites": ["distributed"]})
+    for r in records:
+        write_record(run, r)
+    html = render_run(run, tmp_path / "reports").read_text()
+    assert 'class="comparison compat"' in html and 'class="comparison ranks"' in html
+    assert "fails: wrapped as ddp, not fsdp2" in html

@@ -30,6 +30,10 @@ class Launcher:
         """Why this launcher cannot run a case with these settings and stages (one line), or None."""
         return None
 
+    def resolve(self, case: Case) -> Case:
+        """The case with what this machine decides filled in (e.g. ``nproc: auto``), before the worker starts."""
+        return case
+
     def command(self, case: Case, case_file: Path, result_file: Path, run_id: str, run_dir: Path) -> list[str]:
         """The worker's command line; it writes the case's record(s) beside ``result_file``."""
         return [sys.executable, "-m", "harness.worker", str(case_file), str(result_file), run_id, str(run_dir)]

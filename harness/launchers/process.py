@@ -10,7 +10,7 @@ class Process(Launcher):
     label = "one process"
 
     def check(self, settings, stages):
-        if settings.nproc != 1 or settings.nnodes != 1:
+        if settings.nproc not in (1, "auto") or settings.nnodes != 1:
             return (f"launcher 'process' runs one process (nproc {settings.nproc}, nnodes {settings.nnodes}): "
                     "set launcher: torchrun")
         if settings.strategy != "none":

@@ -28,6 +28,21 @@ PEER_WORDS = ("timed out", "timeout", "connection closed", "connection reset", "
               "nccl communicator was aborted", "socket")
 
 
+CPU_RANKS = 2  # nproc "auto" without a GPU
+
+
+def ranks_per_node(settings) -> int:
+    """``nproc``, with ``auto`` as one rank per visible GPU (``CPU_RANKS`` without one)."""
+    if settings.nproc != "auto":
+        return int(settings.nproc)
+    try:
+        import torch
+
+        return torch.cuda.device_count() or CPU_RANKS
+    except ImportError:  # pragma: no cover
+        return CPU_RANKS
+
+
 def rank_file(result_file: Path, rank: int) -> Path:
     return result_file.with_name(f"{result_file.stem}.rank{rank}{result_file.suffix}")
 
@@ -108,9 +123,15 @@ class Torchrun(Launcher):
             return "launcher 'torchrun' steps once per micro-batch: set grad_accum: 1"
         return None
 
+    def resolve(self, case):
+        if case.settings.nproc != "auto":
+            return case
+        return case.model_copy(update={"settings": case.settings.model_copy(
+            update={"nproc": ranks_per_node(case.settings)})})
+
     def command(self, case, case_file, result_file, run_id, run_dir):
         s = case.settings
-        args = [sys.executable, "-m", "harness.launchers.agent", f"--nproc-per-node={s.nproc}",
+        args = [sys.executable, "-m", "harness.launchers.agent", f"--nproc-per-node={ranks_per_node(s)}",
                 f"--nnodes={s.nnodes}", "--max-restarts=0", "--monitor-interval=0.5"]
         if s.nnodes == 1 and not s.rdzv_endpoint:
             args.append("--standalone")  # a local c10d store on a free port
@@ -126,7 +147,7 @@ class Torchrun(Launcher):
         from harness.records import Record
 
         s = case.settings
-        world = s.nproc * s.nnodes
+        world = ranks_per_node(s) * s.nnodes
         records = {}
         for r in range(world):
             f = rank_file(result_file, r)
@@ -166,29 +187,52 @@ class Torchrun(Launcher):
 
     @contextmanager
     def rank(self, case):
-        """One rank's process group (gloo on the CPU, nccl on a GPU, timing out after ``dist_timeout_s``),
-        each rank shown only its own GPU, so that every per-process figure (NVML, torch's allocator, the CUDA
-        context) is this rank's."""
+        """One rank's process: it sees only its own GPU, so that every per-process figure (NVML, torch's
+        allocator, the CUDA context) is this rank's; its process group (``process_group``) ends with it."""
         import os
-        from datetime import timedelta
 
         # before anything initializes CUDA (which reads the variable once): local rank i gets the i-th device
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if case.settings.nproc > 1 and visible != "":
-            ids = visible.split(",") if visible else [str(i) for i in range(case.settings.nproc)]
+        nproc = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # ranks on this node (torchrun sets it)
+        if nproc > 1 and visible != "":
+            ids = visible.split(",") if visible else [str(i) for i in range(nproc)]
             os.environ["CUDA_VISIBLE_DEVICES"] = ids[local % len(ids)]
-        import torch
-        import torch.distributed as dist
-
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        kw = {"device_id": torch.device("cuda", 0)} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=timedelta(seconds=case.settings.dist_timeout_s), **kw)
         try:
             yield int(os.environ["RANK"])
         finally:
+            import torch.distributed as dist
+
             if dist.is_initialized():
                 dist.destroy_process_group()
 
+
+def process_group(settings, startup_s: float) -> None:
+    """Join this rank's process group (gloo on the CPU, nccl on a GPU), waiting up to ``startup_s`` for the others.
+
+    Called by the distributed stage once its model is prepared: while a group exists, transformers'
+    ``save_pretrained`` writes on rank 0 only, so a synthetic base another rank built would be left empty."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    kw = {"device_id": torch.device("cuda", 0)} if backend == "nccl" else {}
+    dist.init_process_group(backend, timeout=timedelta(seconds=startup_s), **kw)
+
+
+def all_ready(settings) -> None:
+    """Wait until every rank has its model (loading can take one rank far longer than another on a busy host),
+    then give every later collective ``dist_timeout_s``: a rank that hangs, crashes or leaves makes the others
+    fail after that long, not at the case's timeout."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=settings.dist_timeout_s))
 
 LAUNCHERS = (Torchrun(),)

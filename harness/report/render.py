@@ -16,7 +16,7 @@ from harness import metrics as M
 from harness.compare import load_baseline
 from harness.records import SAFE_NAME, RecordError, list_runs, one_line
 from harness.report import charts as ch
-from harness.report import tables
+from harness.report import distributed, tables
 from harness.report.data import (
     Run,
     differing_bases,
@@ -161,6 +161,8 @@ def render_run(run_dir: Path, reports_dir: Path, *, baseline: Path | str | None 
             "model": _model_text(records[0].model),
             "table": tables.suite_table(records, base),
             "merge": tables.merge_table(records),
+            "compat": distributed.compat_table(records),  # cases over ranks: method x strategy, from records
+            "ranks": distributed.ranks_table(records),
             "bases": differing_bases(records, base),  # comparisons made across different base models
             "all": tables.all_metrics(records),
             "charts": _chart_views(suite, ch.suite_charts(records)),

@@ -10,8 +10,16 @@ from pathlib import Path
 from harness import methods, precision
 from harness.measure import health, memory, noise, steps, tensors
 from harness.stages import (  # noqa: F401 - lora_config and load_for_training are shared with the distributed loop
-    PROJECTION_NAMES, Context, Inputs, StageOutput, TrainedAdapter, free, load_for_training, lora_config, sync)
-
+    PROJECTION_NAMES,
+    Context,
+    Inputs,
+    StageOutput,
+    TrainedAdapter,
+    free,
+    load_for_training,
+    lora_config,
+    sync,
+)
 
 
 class TokenCounter:

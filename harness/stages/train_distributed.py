@@ -33,7 +33,7 @@ MAX_GRAD_NORM = 1.0  # transformers' Trainer default, which the one-process stag
 # silently wraps with DDP or with nothing (what must fail the case and the exactness test).
 FAULT_ENV = "QLORA_HARNESS_FAULT"
 PER_RANK = ("peak_rss_gib", "tensor_peak_gib", "tensor_start_gib", "peak_allocated_gib", "peak_reserved_gib",
-            "nvml_peak_gib", "estimate_gib", "tokens_per_s")
+            "nvml_peak_gib", "estimate_gib", "estimate_held_gib", "tokens_per_s")
 
 
 def _fault(rank: int, step: int) -> None:
@@ -106,7 +106,6 @@ def in_force(model) -> dict[str, float | str]:
 
 def _batches(ctx: Context, tokenizer, rank: int, world: int) -> list[tuple[list[int], dict]]:
     """(row indices, batch) of every step of this rank: trl's tokenization, ``DistributedSampler``'s rows."""
-    import torch
     from datasets import load_dataset
     from torch.utils.data import DistributedSampler
 
@@ -192,13 +191,57 @@ def adapter_state(model) -> dict:
     return out
 
 
+def _loop(ctx: Context, model, optimizer, batches, rank: int, world: int):
+    """Every step of this rank: (losses [step, mean over ranks], timed step seconds, timed (real, total, rows)
+    tokens, the tensor peak of the last warm-up step on the CPU, that step's tokens). A failure inside the
+    profiled step ends the profiler first (left running, it crashes the interpreter's exit)."""
+    import torch.distributed as dist
+
+    s = ctx.case.settings
+    losses, step_s, tokens, profiled, profiled_tokens, phase = [], [], [], None, 0, None
+    try:
+        for i, (_, batch) in enumerate(batches):
+            _fault(rank, i)
+            if ctx.device == "cpu" and i == max(s.warmup_steps - 1, 0):
+                profiled = tensors.TensorPeak()
+                profiled.start(model, optimizer)
+            if i == s.warmup_steps:
+                memory.reset_torch_peaks()
+                phase = ctx.sampler.phase("train")
+                phase.__enter__()
+            sync(ctx.device)
+            t0 = time.perf_counter()
+            loss = step(model, optimizer, batch, ctx.device, s.compute_dtype)
+            sync(ctx.device)
+            dt = time.perf_counter() - t0
+            if profiled is not None and profiled.peak_bytes is None:
+                profiled.stop()
+                profiled_tokens = batch["input_ids"].numel()
+            dist.all_reduce(loss)  # the job's loss: the mean over ranks (gloo has no AVG: a sum over the world)
+            losses.append([float(i + 1), float(loss) / world])
+            if i >= s.warmup_steps:
+                step_s.append(dt)
+                tokens.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel(),
+                               batch["input_ids"].shape[0]))
+        sync(ctx.device)
+    finally:
+        if profiled is not None and profiled.prof is not None:
+            profiled.prof.__exit__(None, None, None)
+            profiled.prof = None
+        if phase is not None:
+            phase.__exit__(None, None, None)
+    return losses, step_s, tokens, profiled, profiled_tokens
+
+
 def run(ctx: Context, inputs: Inputs) -> StageOutput:
     import torch
     import torch.distributed as dist
 
     from harness import models
+    from harness.launchers.torchrun import all_ready, process_group
 
     s = ctx.case.settings
+    process_group(s, startup_s=ctx.case.timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = StageOutput()
     torch.manual_seed(s.seed)  # every rank starts from the same LoRA initialization
@@ -215,6 +258,7 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
         dtypes = precision.held(model)
         storage = sorted({str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters()
                           if precision.part_of(n, p) == "linears"})
+        all_ready(s)
         model = wrap(model, s.strategy, ctx.device)
     out.metrics["train.load_s"] = time.perf_counter() - t
     out.metrics.update(sampler.metrics("train.load_", "load"))
@@ -234,35 +278,8 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
     batches = _batches(ctx, tokenizer, rank, world)
     (ctx.work_dir / f"batches.rank{rank}.json").write_text(json.dumps([rows for rows, _ in batches]))
 
-    losses, step_s, tokens, profiled = [], [], [], None
-    phase = None
     t_train = time.perf_counter()
-    for i, (_, batch) in enumerate(batches):
-        _fault(rank, i)
-        if ctx.device == "cpu" and i == max(s.warmup_steps - 1, 0):
-            profiled = tensors.TensorPeak()
-            profiled.start(model, optimizer)
-        if i == s.warmup_steps:
-            memory.reset_torch_peaks()
-            phase = sampler.phase("train")
-            phase.__enter__()
-        sync(ctx.device)
-        t0 = time.perf_counter()
-        loss = step(model, optimizer, batch, ctx.device, s.compute_dtype)
-        sync(ctx.device)
-        dt = time.perf_counter() - t0
-        if profiled is not None and profiled.peak_bytes is None:
-            profiled.stop()
-            profiled_tokens = batch["input_ids"].numel()
-        dist.all_reduce(loss)  # the job's loss: the mean over ranks (gloo has no AVG: a sum over the world)
-        losses.append([float(i + 1), float(loss) / world])
-        if i >= s.warmup_steps:
-            step_s.append(dt)
-            real = int(batch["attention_mask"].sum())
-            tokens.append((real, batch["input_ids"].numel(), batch["input_ids"].shape[0]))
-    sync(ctx.device)
-    if phase is not None:
-        phase.__exit__(None, None, None)
+    losses, step_s, tokens, profiled, profiled_tokens = _loop(ctx, model, optimizer, batches, rank, world)
     out.metrics["train.wall_s"] = time.perf_counter() - t_train
 
     mine = {**sampler.metrics("", "train"), **memory.torch_peaks("")}
@@ -274,6 +291,8 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
                                     adapter_dtype=_adapter_dtype(dtypes)) if ctx.source.preset else None
         if at_step is not None:
             mine["estimate_gib"] = at_step.total_gib
+            # what the step starts with (gradients were set to None): the rank's weights, adapters and AdamW state
+            mine["estimate_held_gib"] = at_step.weights_gib + at_step.lora_gib + at_step.optimizer_gib
             mine["estimate_activations_gib"] = at_step.activations_gib
     if step_s:
         mine["tokens_per_s"] = float(sum(r for r, _, _ in tokens) / sum(step_s))
