@@ -309,7 +309,7 @@ def run_isolated(case: Case, run_id: str, run_dir: Path, work_dir: Path, timeout
         delta = None if kills_before is None or kills_after is None else kills_after - kills_before
         status, message = classify_exit(code, tail, capped, delta)
         why = launcher.explain(log)
-        message += f": {why}" if why else ""
+        message = f"{why}; {message}" if why else message
     from harness.measure import machine
 
     return Record(run_id=run_id, suite=case.suite, case_id=case.case_id, method=case.method, params=case.params,

@@ -183,7 +183,9 @@ class Torchrun(Launcher):
 
     def explain(self, log_tail):
         cause = root_cause(log_tail)
-        return f"rank {cause[0]} {_exit_words(cause[1])} (torchrun's first observed failure)" if cause else None
+        if cause is None:
+            return None
+        return f"rank {cause[0]}: {_exit_words(cause[1])} without a record (torchrun's first observed failure)"
 
     @contextmanager
     def rank(self, case):
