@@ -166,14 +166,7 @@ def pytest_collection_modifyitems(session, config, items):
         if old is None or block(item) in again:
             kept.append(item)
             continue
-        now, then = (json.loads(json.dumps(p, sort_keys=True, default=str)) for p in (item.case.params, old.params))
-        # "auto" settings are resolved by the worker on this kind of machine, and the record keeps what they became;
-        # a setting added since the earlier run was recorded ran there at its default
-        from harness.spec import Settings
-
-        defaults = json.loads(Settings().model_dump_json())
-        then = {**{k: v for k, v in defaults.items() if k not in then}, **then}
-        differ = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and now.get(k) != "auto")
+        differ = differing_settings(item.case.params, old.params)
         if differ:
             raise pytest.UsageError(f"--extends {run.extends}: {item.case.case_id} ran there with other settings "
                                     f"({', '.join(differ)[:200]}): a run extends only the same suites")
@@ -181,6 +174,20 @@ def pytest_collection_modifyitems(session, config, items):
     if done:
         config.hook.pytest_deselected(items=done)
         items[:] = kept
+
+
+def differing_settings(now: dict, then: dict) -> list[str]:
+    """Settings in which a case (``now``) differs from an earlier run's record of it (``then``). An ``auto`` setting
+    is resolved by the worker on this kind of machine, and the record keeps what it became; a setting added to the
+    harness since the earlier run was recorded ran there at its default."""
+    import json
+
+    from harness.spec import Settings
+
+    now, then = (json.loads(json.dumps(p, sort_keys=True, default=str)) for p in (now, then))
+    defaults = json.loads(Settings().model_dump_json())
+    then = {**{k: v for k, v in defaults.items() if k not in then}, **then}
+    return sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and now.get(k) != "auto")
 
 
 class _XdistHooks:

@@ -281,3 +281,14 @@ def test_a_suite_whose_launcher_cannot_run_it_fails_collection_in_one_line(tmp_p
     with pytest.raises(spec.SpecError) as err:
         expand(spec.load_suite(tmp_path / "x.yaml"), tmp_path / "x.yaml")
     assert str(err.value) == f"{tmp_path / 'x.yaml'}: {words}"
+
+
+def test_a_run_recorded_before_the_launcher_settings_existed_can_still_be_extended():
+    """Records written before ``launcher``, ``nproc``, ``strategy``… existed lack them: they ran at the defaults."""
+    from harness.plugin import differing_settings
+
+    now = spec.Settings(method="qlora-nf4").model_dump()
+    old = {k: v for k, v in now.items() if k not in ("launcher", "nproc", "nnodes", "strategy", "rdzv_endpoint",
+                                                     "dist_timeout_s")}
+    assert differing_settings(now, old) == []
+    assert differing_settings({**now, "strategy": "ddp"}, old) == ["strategy"]
