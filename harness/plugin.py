@@ -153,7 +153,6 @@ def pytest_collection_modifyitems(session, config, items):
     run = config.stash.get(RUN_KEY, None)
     if run is None or not run.extended:
         return
-    import json
 
     def block(item) -> tuple | None:
         s = item.suite
