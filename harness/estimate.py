@@ -152,11 +152,15 @@ def activation_bytes_per_token(preset: Preset, settings: Settings, *, vocab_size
         attn = att * (2 * h + 2 * kv) + 4 * a
     else:
         raise ValueError(f"attn_impl {attn_impl!r}: expected 'sdpa' or 'eager'")
-    stream = 4 if method.quantized else e  # residual stream: fp32 embeddings/norms of a 4-bit base
+    # residual stream: the embeddings' dtype (fp32 under recipe and fp32-adapters for every method, and for
+    # a 4-bit base under native); adding a 16-bit attention or MLP output to it keeps it fp32
+    stream = precision.unquantized_bytes(settings.precision, method.quantized, e)
     return {
         "layer": norms + lora + attn + 3 * mlp * i,  # saved by one decoder layer
         "layer_input": stream * h,  # what gradient checkpointing keeps of a layer
-        "backward": 3 * e * i,  # gradients in flight inside one layer's backward (MLP: 3 x intermediate)
+        # gradients in flight inside one layer's backward (MLP: 3 x intermediate, in the MLP's dtype: fp32
+        # for a 4-bit base, whose Linear4bit returns its fp32 input's dtype)
+        "backward": 3 * mlp * i,
         "final_norm": 4 * h + 4,  # the final RMSNorm's fp32 input and rsqrt
     }
 
