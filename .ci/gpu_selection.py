@@ -22,7 +22,8 @@ SUITES = ROOT / "suites"
 
 # (suite, matrix restriction, settings overrides, stages or None, per-case timeout in s)
 SELECTION = [
-    ("fidelity", {"weight_source": ["model"]}, {}, None, 120),  # the CUDA 4-bit/8-bit quantize kernels
+    # the CUDA quantize kernels of the forms the memory suites do not quantize: FP4 + DQ and int8 (NF4 too)
+    ("fidelity", {"weight_source": ["model"], "method": ["qlora-nf4", "qlora-fp4-dq", "lora-int8"]}, {}, None, 120),
     ("train", {}, {"max_steps": 8, "warmup_steps": 3, "seed": 0}, None, 180),  # every method, seed 0
     ("memory-7b", {"method": ["lora-bf16", "qlora-nf4", "qlora-nf4-dq"], "seq_len": [512, 2048]},
      {"max_steps": 6, "warmup_steps": 2}, None, 240),

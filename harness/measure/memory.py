@@ -400,7 +400,8 @@ def used_devices() -> list[int]:
     out = []
     for i in range(n):
         try:
-            if is_init and torch.cuda.memory_reserved(i) > 0:
+            # reserved now, or since the last reset (a stage's empty_cache may have returned it all)
+            if is_init and (torch.cuda.memory_reserved(i) > 0 or torch.cuda.max_memory_reserved(i) > 0):
                 out.append(i)
         except (RuntimeError, AssertionError):
             continue
