@@ -63,8 +63,18 @@ def derive(name: str, restrict: dict, settings: dict, stages, timeout_s: int, cp
     if stages:
         suite["stages"] = stages
     suite["timeout_s"] = timeout_s
+    kept = set(matrix.get("method", [suite["settings"].get("method")]))
+
+    def selects_kept(e: dict) -> bool:  # an expectation about a method the cut-down matrix left out goes too
+        named = [e.get("method"), e.get("against")] + [(e.get(k) or {}).get("method") for k in
+                                                       ("numerator", "denominator", "where")]
+        for m in named:
+            if m is not None and not set([m] if isinstance(m, str) else m) & kept:
+                return False
+        return True
+
     suite["expectations"] = [e for e in suite.get("expectations", [])
-                             if e.get("metric") not in STEP_BOUND_METRICS]
+                             if e.get("metric") not in STEP_BOUND_METRICS and selects_kept(e)]
     if cpu:  # the dry run: the same files, CPU-sized
         suite["tiers"] = ["cpu"]
         suite["model"]["preset"] = "tiny-llama"
