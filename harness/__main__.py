@@ -1,4 +1,5 @@
-"""``python -m harness report|compare|list|fetch``: reports, baseline comparison, the suites' cases, model fetches."""
+"""``python -m harness report|compare|list|fetch|estimate``: reports, baseline comparison, the suites' cases,
+model fetches and a memory estimate before anything runs."""
 
 from __future__ import annotations
 
@@ -63,6 +64,22 @@ def _parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list the suites and their case ids")
     ls.add_argument("--suites", type=Path, default=Path("suites"), help="suites folder (default: suites)")
+
+    e = sub.add_parser("estimate", help="predicted peak GPU memory of training a model, per component, and "
+                                        "whether it fits 24 / 48 / 80 GB (reads config.json only)")
+    e.add_argument("model", metavar="MODEL",
+                   help="a hub id in the local cache, a checkpoint folder, a config.json, or a preset name")
+    e.add_argument("--method", default="qlora-nf4-dq", help="a method of harness/methods (default: qlora-nf4-dq)")
+    e.add_argument("--seq-len", type=int, default=2048, help="tokens per row (default: 2048)")
+    e.add_argument("--batch", type=int, default=1, help="rows per micro-batch (default: 1)")
+    e.add_argument("--optimizer", default="paged_adamw_32bit",
+                   help="adamw_torch, paged_adamw_32bit or paged_adamw_8bit (default: paged_adamw_32bit)")
+    e.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: 16)")
+    e.add_argument("--target-modules", default="q,k,v,o,gate,up,down", help="projections LoRA wraps")
+    e.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="estimate without gradient checkpointing (default: on, as the QLoRA recipe)")
+    e.add_argument("--compute-dtype", default="bf16", help="bf16, fp16 or fp32 (default: bf16)")
+    e.add_argument("--precision", default="recipe", help="recipe, fp32-adapters or native (default: recipe)")
     return p
 
 
@@ -261,13 +278,40 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Predicted peak memory of one training configuration, from the model's config.json alone."""
+    from pydantic import ValidationError
+
+    from harness import estimate
+    from harness.methods import names as method_names
+    from harness.spec import Settings
+
+    if args.method not in method_names():
+        raise UserError(f"--method {args.method}: unknown (expected one of {', '.join(method_names())})")
+    try:
+        settings = Settings(method=args.method, seq_len=args.seq_len, batch_size=args.batch,
+                            optimizer=args.optimizer, lora_r=args.lora_r, target_modules=args.target_modules,
+                            gradient_checkpointing=not args.no_gradient_checkpointing,
+                            compute_dtype=args.compute_dtype, precision=args.precision)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        flag = {"seq_len": "--seq-len", "batch_size": "--batch"}.get(str(err["loc"][0]), f"--{err['loc'][0]}")
+        raise UserError(f"{flag.replace('_', '-')} {err.get('input')!r}: {err['msg']}") from None
+    try:
+        preset = estimate.preset_for(args.model)
+    except estimate.ModelShapeError as exc:
+        raise UserError(str(exc)) from None
+    print(estimate.render(estimate.estimate(preset, settings), preset, settings))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m harness`` and ``qlora-harness``; returns the exit status."""
     from harness.compare import RecordError
 
     args = _parser().parse_args(argv)
     command = {"report": cmd_report, "compare": cmd_compare, "list": cmd_list, "headline": cmd_headline,
-               "stats": cmd_stats, "bases": cmd_bases, "fetch": cmd_fetch}[args.command]
+               "stats": cmd_stats, "bases": cmd_bases, "fetch": cmd_fetch, "estimate": cmd_estimate}[args.command]
     try:
         return command(args)
     except (UserError, RecordError, FileNotFoundError, NotADirectoryError) as exc:

@@ -152,11 +152,15 @@ def activation_bytes_per_token(preset: Preset, settings: Settings, *, vocab_size
         attn = att * (2 * h + 2 * kv) + 4 * a
     else:
         raise ValueError(f"attn_impl {attn_impl!r}: expected 'sdpa' or 'eager'")
-    stream = 4 if method.quantized else e  # residual stream: fp32 embeddings/norms of a 4-bit base
+    # residual stream: the embeddings' dtype (fp32 under recipe and fp32-adapters for every method, and for
+    # a 4-bit base under native); adding a 16-bit attention or MLP output to it keeps it fp32
+    stream = precision.unquantized_bytes(settings.precision, method.quantized, e)
     return {
         "layer": norms + lora + attn + 3 * mlp * i,  # saved by one decoder layer
         "layer_input": stream * h,  # what gradient checkpointing keeps of a layer
-        "backward": 3 * e * i,  # gradients in flight inside one layer's backward (MLP: 3 x intermediate)
+        # gradients in flight inside one layer's backward (MLP: 3 x intermediate, in the MLP's dtype: fp32
+        # for a 4-bit base, whose Linear4bit returns its fp32 input's dtype)
+        "backward": 3 * mlp * i,
         "final_norm": 4 * h + 4,  # the final RMSNorm's fp32 input and rsqrt
     }
 
@@ -318,3 +322,86 @@ def per_rank(preset: Preset, settings: Settings, *, world_size: int, strategy: s
     return replace(est, weights_gib=est.weights_gib / n, lora_gib=est.lora_gib / n,
                    gradients_gib=est.gradients_gib / n, optimizer_gib=est.optimizer_gib / n,
                    optimizer_paged_gib=est.optimizer_paged_gib / n, workspace_gib=est.workspace_gib + gathered)
+
+
+TIERS_GB = (24, 48, 80)  # the GPU memory sizes users pick between (decimal GB, as cards are sold)
+
+
+class ModelShapeError(ValueError):
+    """A model the estimator cannot read the shape of: one line naming it and what to do."""
+
+
+def preset_for(model: str) -> Preset:
+    """The shape of ``model``: a preset name, a ``config.json`` file, a folder holding one, or a hub id whose
+    config.json is in the local hub cache (nothing is downloaded, no weights are read)."""
+    from pathlib import Path
+
+    from harness import presets
+
+    if model in presets.PRESETS:
+        return presets.PRESETS[model]
+    path = Path(model)
+    if path.is_file():
+        folder = path.parent
+        if path.name != "config.json":
+            import shutil
+            import tempfile
+
+            folder = Path(tempfile.mkdtemp(prefix="estimate-"))
+            shutil.copy(path, folder / "config.json")
+        return _read_config(folder, model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelShapeError(f"{model}: no config.json in this folder")
+        return _read_config(path, model)
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception as exc:  # noqa: BLE001 - a malformed id is the user's to fix
+            raise ModelShapeError(f"{model}: not a hub id ({' '.join(str(exc).split())[:120]})") from None
+        if isinstance(cached, str):
+            return _read_config(Path(cached).parent, model)
+        raise ModelShapeError(f"{model}: not in the local cache: set HF_HUB_OFFLINE=0 and fetch its config.json "
+                              f"(huggingface-cli download {model} config.json), or pass a config.json path")
+    raise ModelShapeError(f"{model}: not a preset ({', '.join(presets.PRESETS)}), file, folder or hub id")
+
+
+def _read_config(folder, model: str) -> Preset:
+    import json
+
+    from harness.presets import from_hf_config
+
+    try:
+        return from_hf_config(folder)
+    except json.JSONDecodeError as exc:
+        raise ModelShapeError(f"{model}: config.json is not JSON (line {exc.lineno}: {exc.msg})") from None
+    except KeyError as exc:
+        raise ModelShapeError(f"{model}: config.json has no {exc.args[0]!r} (a decoder-only transformer's "
+                              f"config is needed: hidden_size, intermediate_size, num_hidden_layers, "
+                              f"num_attention_heads, vocab_size)") from None
+    except (TypeError, AttributeError):
+        raise ModelShapeError(f"{model}: config.json is not a model config object") from None
+
+
+def render(est: Estimate, preset: Preset, settings: Settings, device: str = "cuda") -> str:
+    """The estimate as a small table: every term, the total, and whether it fits each GPU size."""
+    rows = [("weights", est.weights_gib, f"base at {est.bits_per_param:.3f} bits/param in its linears"),
+            ("lora", est.lora_gib, f"{est.trainable_params:,} adapter parameters"),
+            ("gradients", est.gradients_gib, "adapters only: the base is frozen"),
+            ("optimizer", est.optimizer_gib, f"{settings.optimizer}" + (
+                f", {est.optimizer_paged_gib:.2f} GiB of it in managed memory" if est.optimizer_paged_gib else "")),
+            ("activations", est.activations_gib, f"{settings.batch_size} x {settings.seq_len} tokens, "
+             f"checkpointing {'on' if settings.gradient_checkpointing else 'off'}"),
+            ("workspace", est.workspace_gib, "a dequantized weight, autocast copies"),
+            ("context", est.context_gib, "CUDA context and cuBLAS workspace")]
+    lines = [f"{preset.name}: {settings.method}, seq {settings.seq_len}, batch {settings.batch_size}, "
+             f"{settings.compute_dtype}, precision {settings.precision}",
+             f"{'component':<12}{'GiB':>9}  note"]
+    lines += [f"{name:<12}{v:>9.2f}  {note}" for name, v, note in rows]
+    total_gb = est.total_gib * GIB / 1e9
+    lines.append(f"{'total':<12}{est.total_gib:>9.2f}  = {total_gb:.2f} GB (1e9 bytes)")
+    fits_line = ", ".join(f"{t} GB {'fits' if est.total_gib * GIB <= t * 1e9 else 'does not fit'}" for t in TIERS_GB)
+    lines.append(f"fits: {fits_line}")
+    return "\n".join(lines)

@@ -39,12 +39,15 @@ def load_tokenizer(source: Source):
     return tok
 
 
-def load_base(source: Source, method_name: str, compute_dtype: str, quant_storage: str, device: str):
-    """The base as the method holds it (``from_pretrained`` with the method's config, or built on the device)."""
+def load_base(source: Source, method_name: str, compute_dtype: str, quant_storage: str, device: str,
+              blocksize: int = 64):
+    """The base as the method holds it (``from_pretrained`` with the method's config, or built on the device
+    in ``quant_storage`` at ``blocksize``; transformers loads a 4-bit checkpoint at block size 64 always)."""
     from transformers import AutoModelForCausalLM
 
     if source.checkpoint is None:
-        return build_on_device(source, method_name, compute_dtype, device)
+        return build_on_device(source, method_name, compute_dtype, device, quant_storage=quant_storage,
+                               blocksize=blocksize)
     method = methods.get(method_name)
     kwargs: dict[str, Any] = method.from_pretrained_kwargs(compute_dtype, quant_storage)
     kwargs["device_map"] = device_map(device)
@@ -64,7 +67,8 @@ def device_map(device: str):
     return "auto" if torch.cuda.device_count() > 1 else {"": 0}
 
 
-def build_on_device(source: Source, method_name: str, compute_dtype: str, device: str, seed: int = 0):
+def build_on_device(source: Source, method_name: str, compute_dtype: str, device: str, seed: int = 0,
+                    quant_storage: str = "uint8", blocksize: int = 64):
     """A synthetic preset built straight on the device, one linear at a time, in the method's stored form.
 
     No full 16-bit copy exists in host memory or on disk, so a 70B-shaped QLoRA base needs only its 4-bit
@@ -92,7 +96,8 @@ def build_on_device(source: Source, method_name: str, compute_dtype: str, device
             if not isinstance(child, torch.nn.Linear) or name == "lm_head":
                 continue
             weight = rand(child.out_features, child.in_features)
-            layer = method.build_linear(child, weight, compute_dtype, target)
+            layer = method.build_linear(child, weight, compute_dtype, target, quant_storage=quant_storage,
+                                        blocksize=blocksize)
             if layer is None:  # kept 16-bit: every method's base is drawn from the same sequence of numbers
                 set_module_tensor_to_device(child, "weight", target, value=weight)
             else:
@@ -105,7 +110,7 @@ def build_on_device(source: Source, method_name: str, compute_dtype: str, device
     for name, buf in list(model.named_buffers()):
         if buf.device != target:
             set_module_tensor_to_device(model, name, target, value=buf.to(target))
-    method.mark_built(model, compute_dtype)
+    method.mark_built(model, compute_dtype, quant_storage)
     model.hf_device_map = {"": target.index if target.type == "cuda" else "cpu"}
     source.info["device_map"] = [str(target)]  # built on one device: multi-GPU placement is for checkpoints
     return model

@@ -38,10 +38,19 @@ def pytest_addoption(parser):
 
 
 def pin_worker_gpu(workerid: str, gpu_count: int, environ) -> str | None:
-    """Pin an xdist worker (gw0, gw1, …) to one GPU, round robin, unless the user already chose devices."""
-    if gpu_count < 2 or "CUDA_VISIBLE_DEVICES" in environ:
+    """Pin an xdist worker (gw0, gw1, …) to one GPU, round robin: over every GPU, or over the devices the user
+    listed in ``CUDA_VISIBLE_DEVICES`` (each worker gets one of them; one listed device: left alone)."""
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    n = int(workerid.removeprefix("gw"))
+    if listed is not None:
+        entries = [e.strip() for e in listed.split(",") if e.strip()]
+        if len(entries) < 2:
+            return None
+        environ["CUDA_VISIBLE_DEVICES"] = entries[n % len(entries)]
+        return environ["CUDA_VISIBLE_DEVICES"]
+    if gpu_count < 2:
         return None
-    environ["CUDA_VISIBLE_DEVICES"] = str(int(workerid.removeprefix("gw")) % gpu_count)
+    environ["CUDA_VISIBLE_DEVICES"] = str(n % gpu_count)
     return environ["CUDA_VISIBLE_DEVICES"]
 
 
@@ -456,13 +465,18 @@ def pytest_sessionfinish(session, exitstatus):
     if hasattr(config, "workerinput") or config.getoption("no_report"):
         return
     from harness.records import RecordError
-    from harness.report import render_index, render_run
 
     reports = Path(config.getoption("reports_dir")).resolve()
     baseline = config.getoption("baseline")
     try:
+        from harness.report import render_index, render_run
+
         config._harness_report = render_run(run.dir, reports, baseline=baseline)
         render_index(run.results_dir, reports)
+    except ImportError as exc:  # plotly or Jinja2 missing (a GPU image): the records stand, render them elsewhere
+        config._harness_report_errors = [one_line(
+            f"{exc} (install the report's packages, or pass --no-report and run "
+            f"`python -m harness report {run.dir}` where they are)", 400)]
     except (RecordError, OSError) as exc:  # a report problem is reported, it does not end the session in a traceback
         config._harness_report_errors = [one_line(exc, 400)]
 

@@ -26,7 +26,9 @@ LOG_TAIL = 2000  # characters of the worker's log kept in an error record
 CAP_MESSAGES = ("cannot allocate memory", "failed to map segment", "could not create a primitive",
                 "std::bad_alloc", "can't allocate memory", "out of memory")
 # Messages that mean out of memory wherever they come from
-OOM_MESSAGES = ("cuda out of memory", "cuda error: out of memory", "defaultcpuallocator: can't allocate memory")
+# (cuBLAS reports a failed workspace or handle allocation as CUBLAS_STATUS_ALLOC_FAILED, not as torch's OOM)
+OOM_MESSAGES = ("cuda out of memory", "cuda error: out of memory", "defaultcpuallocator: can't allocate memory",
+                "cublas_status_alloc_failed")
 
 
 def _chain(exc: BaseException):
@@ -127,7 +129,7 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
 
     from harness import launchers, methods, models
     from harness.measure import machine, memory
-    from harness.stages import Context, Inputs, StageOutput
+    from harness.stages import Context, Inputs, StageOutput, between_stages
 
     work_dir.mkdir(parents=True, exist_ok=True)
     started = utcnow()
@@ -137,10 +139,13 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
     record = Record(run_id=run_id, suite=case.suite, case_id=case.case_id, method=case.method,
                     params=case.params, status="passed", env=machine.environment(), started_at=started)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    sampler = memory.Sampler(cuda=device == "cuda").start()
+    # the devices the case uses: the context is created, and NVML sampled, on those only
+    devices = memory.case_devices(case, torch.cuda.device_count()) if device == "cuda" else None
+    sampler = memory.Sampler(cuda=device == "cuda", devices=devices).start()
     try:
         if device == "cuda":
-            record.env = {**record.env, "cuda_context": memory.create_cuda_context(sampler, record.metrics)}
+            record.env = {**record.env, "cuda_context": memory.create_cuda_context(sampler, record.metrics),
+                          "cuda_devices": devices}
         launcher = launchers.get(case.settings.launcher)
         stage_modules = [importlib.import_module(launcher.stage_module(s)) for s in case.stages]
         if case.settings.memory_limit_gib:
@@ -156,6 +161,7 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
         _estimate(ctx, record)
         inputs = Inputs()
         for stage, module in zip(case.stages, stage_modules, strict=False):
+            between_stages(device)  # the last stage's cached blocks out of this stage's peaks
             print(f"[{case.case_id}] {stage} ...", flush=True)
             t = time.perf_counter()
             out: StageOutput = module.run(ctx, inputs)

@@ -1,6 +1,7 @@
 """What the measurement costs: the same LoRA steps with and without the harness's instrumentation.
 
-The memory sampler (a thread polling RSS, and NVML every 5 ms on a GPU; every 50 ms on the CPU, where it
+The memory sampler (a thread polling RSS and NVML device memory every 10 ms on a GPU, NVML's process list
+at most every 100 ms; every 50 ms on the CPU, where it
 competes with the training threads for the cores), the noise guard (host counters every 0.5 s), the per-step
 synchronize + clock reads and the token-counting collator. Expectation: at most 1.03x the plain steps' time
 on the CPU, 1.01x on a GPU. Judged on the 95% interval of the ratio over interleaved rounds (a log-t interval

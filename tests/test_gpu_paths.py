@@ -155,7 +155,7 @@ def test_every_device_sampled_and_summed():
     with sampler.phase("train"):
         a["procs"], a["used"] = [(PID, 4 * GIB)], 5 * GIB
         h["procs"], h["used"] = [(PID, 1 * GIB)], 2 * GIB
-        sampler._record()
+        sampler._record(fresh=True)  # the process list now, not the one of the last 100 ms
         a["procs"] = [(PID, 2 * GIB)]  # GPU 0 falls, GPU 1 rises: peaks of the sum, not sums of peaks
         h["procs"] = [(PID, 6 * GIB)]
     m = sampler.metrics("train.", "train")
@@ -203,7 +203,11 @@ def test_gpu_noise_other_processes_clock_and_throttle():
     assert s["throttle"] == ["hw_thermal"]
     v = noise.judge(cores=16, gpu_other_pids=s["others"], sm_clock_share=s["sm_share"], throttle=s["throttle"])
     assert not v.clean
-    assert "pids [4242]" in v.reason and "hw_thermal" in v.reason and "SM clock at 61%" in v.reason
+    assert "pids [4242]" in v.reason and "hw_thermal" in v.reason
+    assert "SM clock" not in v.reason  # the power cap holds the clock down: normal operation, not judged
+    h["throttle"] = 0x40
+    s = noise.gpu_sample(nv, [h], PID)
+    assert "SM clock at 61%" in noise.judge(cores=16, sm_clock_share=s["sm_share"]).reason
     assert noise.gpu_in_use_by_others(nv, [h], PID) == [4242]
     h["procs"], h["clock"], h["throttle"] = [(PID, GIB)], 1980, 0x4
     s = noise.gpu_sample(nv, [h], PID)

@@ -38,6 +38,7 @@ INTERVAL_S = 0.5  # sampling period of the host counters (cheap: two small /proc
 # NVML clock-throttle reasons that slow a busy chip (nvml.h: nvmlClocksThrottleReason*); the power cap
 # (0x4) and idle (0x1) are normal operation and only recorded.
 THROTTLE_SLOWING = {0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal", 0x80: "hw_power_brake"}
+GPU_IDLE, SW_POWER_CAP = 0x1, 0x4  # a sample with either bit judges nothing by its clock: normal operation
 # Metric names whose value is a timing (judged inconclusive on a noisy record): throughput, rates, times
 TIMING_PATTERNS = ("*tokens_per_s*", "*samples_per_s*", "*.mfu*", "*_tflops", "*_ms", "*_s")
 
@@ -133,7 +134,7 @@ def judge(*, cores: int, other_mean: float | None = None, other_max: float | Non
           steal: float | None = None, load_per_core: float | None = None, loadavg_max: float | None = None,
           step_cv: float | None = None, stalled: float | None = None, steps: float | None = None,
           gpu_other_pids: Sequence[int] = (), sm_clock_share: float | None = None,
-          throttle: Sequence[str] = ()) -> Verdict:
+          throttle: Sequence[str] = (), power_capped: int = 0) -> Verdict:
     """The verdict from summary figures; each figure past its threshold adds one reason."""
     reasons: list[str] = []
     figures: dict[str, float] = {"cores": float(cores)}
@@ -172,6 +173,8 @@ def judge(*, cores: int, other_mean: float | None = None, other_max: float | Non
         figures["sm_clock_share"] = sm_clock_share
         if sm_clock_share < SM_CLOCK_MIN_SHARE:
             reasons.append(f"SM clock at {100 * sm_clock_share:.0f}% of its maximum (< {100 * SM_CLOCK_MIN_SHARE:.0f}%)")
+    if power_capped:  # recorded: the power cap lowering the clock on heavy steps is normal operation
+        figures["gpu_power_capped_samples"] = float(power_capped)
     if throttle:
         reasons.append("GPU clocks throttled: " + ", ".join(sorted(set(throttle))))
     return Verdict(clean=not reasons, reasons=reasons, figures=figures)
@@ -182,27 +185,53 @@ def throttle_names(mask: int) -> list[str]:
     return [name for bit, name in THROTTLE_SLOWING.items() if mask & bit]
 
 
-def gpu_sample(nv, handles: Sequence[Any], pid: int) -> dict[str, Any]:
-    """Other compute processes, SM clock share (lowest device) and slowing throttle reasons, via NVML."""
+def _reasons(nv, h) -> int | None:
+    """The clock event (throttle) reason mask: ``nvmlDeviceGetCurrentClocksEventReasons`` in nvidia-ml-py 12.535+,
+    ``...ThrottleReasons`` before; None where neither answers."""
+    from harness.measure.memory import nvml_errors
+
+    for name in ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"):
+        fn = getattr(nv, name, None)
+        if fn is not None:
+            try:
+                return int(fn(h))
+            except nvml_errors(nv):
+                return None
+    return None
+
+
+def gpu_sample(nv, handles: Sequence[Any], pid: int | set[int] | frozenset[int]) -> dict[str, Any]:
+    """Other compute processes, SM clock share (lowest device) and slowing throttle reasons, via NVML.
+
+    ``pid``: this process's pid, or every pid NVML lists it under (a container's NVML may show the host
+    pid). Only the devices in ``handles`` (those the case uses) are asked. A device whose clock is held down
+    by the power cap or idles (normal operation) gives no clock share; ``power_capped`` counts them."""
+    from harness.measure.memory import nvml_errors
+
+    errors = nvml_errors(nv)
+    own = {pid} if isinstance(pid, int) else set(pid)
     others: list[int] = []
     shares: list[float] = []
     throttle: list[str] = []
+    capped = 0
     for h in handles:
         try:
-            others += [p.pid for p in nv.nvmlDeviceGetComputeRunningProcesses(h) if p.pid != pid]
-        except nv.NVMLError:
+            others += [p.pid for p in nv.nvmlDeviceGetComputeRunningProcesses(h) if p.pid not in own]
+        except errors:
             pass
+        mask = _reasons(nv, h)
+        if mask is not None:
+            throttle += throttle_names(mask)
+        normal = mask is not None and bool(mask & (SW_POWER_CAP | GPU_IDLE))
+        capped += bool(mask is not None and mask & SW_POWER_CAP)
         try:
             sm, top = nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM), nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM)
-            if top:
+            if top and not normal:
                 shares.append(sm / top)
-        except nv.NVMLError:
+        except errors:
             pass
-        try:
-            throttle += throttle_names(nv.nvmlDeviceGetCurrentClocksThrottleReasons(h))
-        except (nv.NVMLError, AttributeError):
-            pass
-    return {"others": others, "sm_share": min(shares) if shares else None, "throttle": throttle}
+    return {"others": others, "sm_share": min(shares) if shares else None, "throttle": throttle,
+            "power_capped": capped}
 
 
 class NoiseGuard:
@@ -213,11 +242,12 @@ class NoiseGuard:
     NVML may report host pids: a process seen there that is not ours still means a shared GPU.
     """
 
-    def __init__(self, interval_s: float = INTERVAL_S, nvml=None, handles: Sequence[Any] = (), pid: int | None = None):
+    def __init__(self, interval_s: float = INTERVAL_S, nvml=None, handles: Sequence[Any] = (), pid: int | None = None,
+                 pids: set[int] | None = None):
         self.interval_s = interval_s
         self.cores = os.cpu_count() or 1
         self.nvml, self.handles = nvml, list(handles)
-        self.pid = pid or os.getpid()
+        self.pid = set(pids) if pids else {pid or os.getpid()}
         self.windows: list[dict[str, float]] = []
         self.running: list[int] = []
         self.loadavg: list[float] = []
@@ -281,10 +311,11 @@ class NoiseGuard:
             gpu_other_pids=others,
             sm_clock_share=float(np.median(shares)) if shares else None,
             throttle=[t for g in self.gpu for t in g["throttle"]],
+            power_capped=sum(g.get("power_capped", 0) for g in self.gpu),
         )
 
 
-def gpu_in_use_by_others(nv, handles: Sequence[Any], pid: int | None = None) -> list[int]:
+def gpu_in_use_by_others(nv, handles: Sequence[Any], pid: int | set[int] | None = None) -> list[int]:
     """Pids of other compute processes on the given NVML devices (for refusing to start on a busy GPU)."""
     return sorted(set(gpu_sample(nv, handles, pid or os.getpid())["others"]))
 
@@ -301,7 +332,7 @@ def busy_gpu_message(nv=None) -> str:
         return ""
     busy = []
     for uuid, handle in zip(nvml.uuids, nvml.handles, strict=True):
-        pids = gpu_in_use_by_others(nvml.nv, [handle])
+        pids = gpu_in_use_by_others(nvml.nv, [handle], nvml.pids)
         if pids:
             busy.append(f"{uuid} (pids {', '.join(map(str, pids))})")
     return f"--require-idle-gpu: other processes are using {'; '.join(busy)}: not starting" if busy else ""

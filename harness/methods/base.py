@@ -83,11 +83,13 @@ class Method:
         return {"dtype": torch_dtype(compute_dtype)}
 
     def build_linear(self, linear: torch.nn.Linear, weight: torch.Tensor, compute_dtype: str,
-                     target: torch.device) -> torch.nn.Module | None:
-        """The stored form of one linear built straight on the device from ``weight``; None keeps it 16-bit."""
+                     target: torch.device, quant_storage: str = "uint8",
+                     blocksize: int = 64) -> torch.nn.Module | None:
+        """The stored form of one linear built straight on the device from ``weight`` (in the suite's quant
+        storage dtype and block size where the method has them); None keeps it 16-bit."""
         return None
 
-    def mark_built(self, model, compute_dtype: str) -> None:
+    def mark_built(self, model, compute_dtype: str, quant_storage: str = "uint8") -> None:
         """Set on a model built on the device what ``from_pretrained`` would set for this method."""
 
     # -- fidelity ------------------------------------------------------------------------------------

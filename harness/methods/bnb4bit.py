@@ -60,18 +60,21 @@ class FourBit(Method):
             ),
         }
 
-    def build_linear(self, linear, weight, compute_dtype, target):
+    def build_linear(self, linear, weight, compute_dtype, target, quant_storage="uint8", blocksize=LOAD_BLOCKSIZE):
         import bitsandbytes as bnb
+        import torch
 
+        storage = torch.uint8 if quant_storage == "uint8" else torch_dtype(quant_storage)
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compute_dtype=torch_dtype(compute_dtype), compress_statistics=self.double_quant,
-                                  quant_type=self.quant_type, device="meta")
+                                  quant_type=self.quant_type, quant_storage=storage, device="meta")
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=self.quant_type,
-                                         compress_statistics=self.double_quant, blocksize=LOAD_BLOCKSIZE).to(target)
+                                         compress_statistics=self.double_quant, blocksize=blocksize,
+                                         quant_storage=storage).to(target)
         return layer
 
-    def mark_built(self, model, compute_dtype: str) -> None:
-        _attach_quantizer(model, self.from_pretrained_kwargs(compute_dtype, "uint8")["quantization_config"])
+    def mark_built(self, model, compute_dtype: str, quant_storage: str = "uint8") -> None:
+        _attach_quantizer(model, self.from_pretrained_kwargs(compute_dtype, quant_storage)["quantization_config"])
         model.is_loaded_in_4bit = True  # what from_pretrained sets; prepare_model_for_kbit_training reads it
 
     def round_trip(self, w, settings) -> RoundTrip:

@@ -38,7 +38,7 @@ class Int8(Method):
         return {"dtype": torch_dtype(compute_dtype),
                 "quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=OUTLIER_THRESHOLD)}
 
-    def build_linear(self, linear, weight, compute_dtype, target):
+    def build_linear(self, linear, weight, compute_dtype, target, quant_storage="uint8", blocksize=64):
         import bitsandbytes as bnb
 
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -49,7 +49,7 @@ class Int8(Method):
         layer.weight = param
         return layer
 
-    def mark_built(self, model, compute_dtype: str) -> None:
+    def mark_built(self, model, compute_dtype: str, quant_storage: str = "uint8") -> None:
         from harness.methods.bnb4bit import _attach_quantizer
 
         _attach_quantizer(model, self.from_pretrained_kwargs(compute_dtype, "uint8")["quantization_config"])

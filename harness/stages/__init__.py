@@ -62,11 +62,21 @@ class StageOutput:
 
 
 def sync(device: str) -> None:
-    """Wait for queued device work so a host clock reads finished work."""
+    """Wait for queued device work on every device the case uses, so a host clock reads finished work."""
     if device == "cuda":
-        import torch
+        from harness.measure.memory import synchronize_all
 
-        torch.cuda.synchronize()
+        synchronize_all()
+
+
+def between_stages(device: str) -> None:
+    """Before a stage: the previous stage's tensors freed, the allocator's cached blocks returned and its
+    peaks reset, so this stage's peaks are its own (the quant stage's cache would otherwise count)."""
+    from harness.measure.memory import reset_torch_peaks
+
+    free(device)
+    if device == "cuda":
+        reset_torch_peaks()
 
 
 def free(device: str) -> None:
@@ -104,6 +114,6 @@ def load_for_training(ctx: Context):
     from harness import models
 
     s = ctx.case.settings
-    model = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device)
+    model = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device, blocksize=s.blocksize)
     model = methods.get(s.method).prepare_for_training(model, s)
     return get_peft_model(model, lora_config(s))

@@ -99,7 +99,7 @@ def base_scores(ctx: Context, tokenizer) -> tuple[dict[str, float], bool, list[d
         if cache.exists():
             cached = json.loads(cache.read_text())
             return cached["scores"], True, cached["items"]
-        base = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device)
+        base = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device, blocksize=s.blocksize)
         flat, seconds, items = score(base, tokenizer, ctx)
         flat["_seconds"] = seconds
         cache.write_text(json.dumps({"scores": flat, "items": items}, indent=1))
@@ -204,7 +204,7 @@ def merge_fresh(ctx: Context, adapter: Path, strategy: str = "requantize"):
     before: dict = {}
 
     def load(name: str):
-        base = models.load_base(ctx.source, name, s.compute_dtype, s.quant_storage, ctx.device)
+        base = models.load_base(ctx.source, name, s.compute_dtype, s.quant_storage, ctx.device, blocksize=s.blocksize)
         if name == s.method and not before:
             before.update(method.quantized_codes(base))
         return base
@@ -222,7 +222,7 @@ def on_disk(ctx: Context, model, strategy: str, adapter: Path) -> dict[str, floa
     s = ctx.case.settings
     folder = ctx.work_dir / f"model-{strategy}"
     if strategy == "none":  # what the tutorials ship: the base as loaded, the adapter beside it
-        base = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device)
+        base = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device, blocksize=s.blocksize)
         base.save_pretrained(folder, safe_serialization=True)
         del base
         size = folder_bytes(folder) + sum(f.stat().st_size for f in Path(adapter).glob("*.safetensors"))
@@ -281,7 +281,7 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
     out.metrics.update(_prefixed(base_flat, "base"))
     out.metrics["eval.base_s"] = 0.0 if cached else base_flat["_seconds"]
 
-    base = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device)
+    base = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device, blocksize=s.blocksize)
     model = PeftModel.from_pretrained(base, adapter)  # HFLM ignores peft= for a model object: wrap it here
     model.eval()
     flat, seconds, items = score(model, tokenizer, ctx)

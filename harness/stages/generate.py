@@ -122,7 +122,7 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
     reference = None
 
     def load(name: str):
-        return models.load_base(ctx.source, name, s.compute_dtype, s.quant_storage, ctx.device)
+        return models.load_base(ctx.source, name, s.compute_dtype, s.quant_storage, ctx.device, blocksize=s.blocksize)
 
     for form in forms:
         free(ctx.device)
