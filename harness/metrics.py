@@ -53,6 +53,8 @@ REGISTRY: tuple[MetricInfo, ...] = (
     MetricInfo("*perplexity*", "", "lower", 0.05, "perplexity"),
     MetricInfo("*bits_per_byte", "bits", "lower", 0.05, "bits per byte"),
     MetricInfo("*.loss_first", "", "none", 1.0, "first loss"),
+    MetricInfo("*.eval_loss_first", "nats", "none", 1.0, "held-out loss at the first eval in training"),
+    MetricInfo("*.eval_loss_last", "nats", "lower", 0.10, "held-out loss at the last eval in training"),
     MetricInfo("*.loss_drop", "", "higher", 0.25, "loss drop"),
     MetricInfo("*loss*", "", "lower", 0.10, "loss"),
     MetricInfo("*_pct", "%", "lower", 0.25, "percent"),
@@ -180,6 +182,7 @@ EMITTED: dict[str, tuple[str, ...]] = {
         "train.*_gib", "train.*_gb", "train.gpu*", "train.*tokens_per_s*", "train.step_*", "train.stalled_steps",
         "train.timing_clean", "train.noise.*", "train.instrumentation_*",
         "train.*_ratio", "train.mfu*", "train.*_tflops", "train.healthy",
+        "train.eval_loss_first", "train.eval_loss_last",  # eval on the held-out split during training
     ),
     "estimate": ("estimate.*_gib", "estimate.bits_per_param", "estimate.trainable_params",
                  "estimate.tokens_per_batch", "estimate.profiled_step_tokens"),
