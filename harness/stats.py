@@ -516,7 +516,7 @@ def ratio_basis(r: Mapping[str, Any]) -> str:
 Outcome = Literal["pass", "fail", "inconclusive"]
 
 
-MIN_ITEMS = 20  # an interval over fewer eval items rests on a handful of documents: no pass or fail on it
+MIN_ITEMS = 10  # fewer eval items: a bootstrap over them has few distinct resamples (4 items: 35), no pass or fail
 
 
 def thin_evidence(d: Difference) -> str:

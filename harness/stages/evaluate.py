@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from harness import methods
-from harness.metrics import merged_variant
+from harness.metrics import EVAL_TASKS, merged_variant
 from harness.stages import Context, Inputs, StageOutput, free, sync
 
 
@@ -151,6 +151,29 @@ def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float, list
             if value == value:  # lm-eval reports NaN stderr for single samples: leave it out
                 flat[f"{task}.{name}"] = float(value)
     return flat, time.perf_counter() - t, item_table(results.get("samples") or {})
+
+
+def task_table(ev, flat: dict[str, float]) -> list[dict]:
+    """Each eval task's main metric (its bits_per_byte, else acc, else its first score) and which one is the
+    suite's primary quality metric (``eval.primary``; default: the first task's main metric), for the headline
+    and report to pick their quality columns from the suite's own tasks."""
+    rows = []
+    for task in ev.names:
+        names = [k.split(".", 1)[1] for k in flat if k.startswith(f"{task}.") and not k.endswith("_stderr")]
+        main = next((m for m in ("bits_per_byte", "acc") if m in names), names[0] if names else None)
+        if ev.primary is not None and ev.primary.split(".")[1] == task:
+            main = ev.primary.split(".", 2)[2]
+        if main is not None:
+            rows.append({"task": task, "metric": main, "primary": False})
+    if rows:
+        want = ev.primary or metric_name(rows[0])
+        for row in rows:
+            row["primary"] = metric_name(row) == want
+    return rows
+
+
+def metric_name(row: dict) -> str:
+    return f"eval.{row['task']}.{row['metric']}"
 
 
 def _base_key(ctx: Context) -> str:
@@ -363,6 +386,7 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
     model.eval()
     flat, seconds, items = score(model, tokenizer, ctx)
     out.tables["eval.items.adapter"] = items
+    out.tables[EVAL_TASKS] = task_table(ctx.case.eval, flat)
     out.metrics.update(_prefixed(flat, "adapter"))
     out.metrics["eval.adapter_s"] = seconds
     _deltas(out.metrics, flat, "base", "gain", +1)
