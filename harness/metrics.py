@@ -142,7 +142,7 @@ def gen_metric(form: str, batch: int, metric: str) -> str:
     return f"gen.{form}.bs{batch}.{metric}"
 
 
-EVAL_TASKS = "eval.tasks"  # a table: each eval task's main metric, and which is the suite's primary quality metric
+EVAL_TASKS_TABLE = "eval.tasks"  # a table: each eval task's main metric, and which is the suite's primary quality metric
 
 # the shipped eval's metrics that headline and README tables quote
 MC_ACC = eval_metric("support_mc", "acc")  # multiple choice in wordings no training row uses

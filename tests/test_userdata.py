@@ -231,3 +231,42 @@ def test_the_training_model_keeps_its_4bit_layout_through_eval_forwards(tmp_path
     finally:
         mods._convert_weight_packed_for_cpu = real
     assert len(calls) == 1  # the trapped model repacked, the kept one did not
+
+
+@pytest.mark.parametrize("with_table", [True, False])
+def test_the_headline_shows_the_suites_own_tasks_primary_first(tmp_path, with_table):
+    """The issue: a hand-written task of the user's own worked, but the headline printed no quality column (its
+    columns were tied to the shipped task names). Known truth: 3 seeds of two methods on the user's task
+    ``faq`` (acc 0.70 vs 0.60 over 200 items) and ``notes`` (bits/byte); the primary, named by the suite (the
+    eval stage's eval.tasks table) or, for records without it, the bits/byte metric, leads the quality columns
+    and the differences."""
+    import numpy as np
+
+    from harness.records import Record, write_json_atomic, write_record
+    from harness.report import headline
+
+    rng = np.random.default_rng(3)
+    run = tmp_path / "run"
+    write_json_atomic(run / "run.json", {"run_id": "run", "started_at": "2026-12-01T00:00:00+00:00"})
+    table = [{"task": "faq", "metric": "acc", "primary": False}, {"task": "notes", "metric": "bits_per_byte",
+                                                                  "primary": True}]
+    for seed in range(3):
+        for method, acc in (("lora-bf16", 0.70), ("qlora-nf4", 0.60)):
+            items = rng.random(200) < acc
+            rows = [{"task": "faq", "doc_id": i, "acc": float(v)} for i, v in enumerate(items)]
+            rows += [{"task": "notes", "doc_id": i, "loglikelihood": -100.0 - rng.random(), "bytes": 120}
+                     for i in range(30)]
+            rec = Record(run_id="run", suite="mine", case_id=f"mine[{method}-seed{seed}]", method=method,
+                         params={"method": method, "seed": seed}, status="passed",
+                         metrics={"eval.faq.acc": float(items.mean()), "eval.faq.base_acc": 0.25,
+                                  "eval.notes.bits_per_byte": 1.2 + 0.01 * seed},
+                         tables={"eval.items.adapter": rows, **({"eval.tasks": table} if with_table else {})})
+            write_record(run, rec)
+    text = headline.table(run, "mine")
+    head = text.splitlines()[0]
+    assert "notes bits/byte" in head and "faq acc (base → adapter)" in head, head
+    assert head.index("notes bits/byte") < head.index("faq acc")
+    assert head.index("Δ to lora-bf16, notes bits/byte [CI]") < head.index("Δ to lora-bf16, faq acc [CI]")
+    row = next(x for x in text.splitlines() if x.startswith("| qlora-nf4 (n=3) |"))
+    assert "| 0.250 → 0.5" in row or "| 0.250 → 0.6" in row, row
+    assert "- qlora-nf4 against lora-bf16: notes bits_per_byte:" in text and "faq acc: worse by" in text

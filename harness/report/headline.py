@@ -41,10 +41,10 @@ PAIRED = {M.EST_ALLOCATOR: M.PEAK_ALLOCATED, M.EST_TOTAL: M.NVML_PEAK,
 
 def quality_metrics(records: list[Record]) -> list[str]:
     """The suite's quality metrics, ``eval.<task>.<metric>``, its primary metric first: as the eval stage recorded
-    them (``M.EVAL_TASKS`` table: each task's main metric and the suite's primary), else read from the metric
+    them (``M.EVAL_TASKS_TABLE`` table: each task's main metric and the suite's primary), else read from the metric
     names (each task's bits_per_byte where it has one, else its acc; a bits/byte metric leads)."""
     for r in records:
-        rows = r.tables.get(M.EVAL_TASKS)
+        rows = r.tables.get(M.EVAL_TASKS_TABLE)
         if rows:
             names = [M.eval_metric(row["task"], row["metric"]) for row in rows]
             primary = [n for n, row in zip(names, rows, strict=True) if row.get("primary")]

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from harness import methods
-from harness.metrics import EVAL_TASKS, merged_variant
+from harness.metrics import EVAL_TASKS_TABLE, merged_variant
 from harness.stages import Context, Inputs, StageOutput, free, sync
 
 
@@ -386,7 +386,7 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
     model.eval()
     flat, seconds, items = score(model, tokenizer, ctx)
     out.tables["eval.items.adapter"] = items
-    out.tables[EVAL_TASKS] = task_table(ctx.case.eval, flat)
+    out.tables[EVAL_TASKS_TABLE] = task_table(ctx.case.eval, flat)
     out.metrics.update(_prefixed(flat, "adapter"))
     out.metrics["eval.adapter_s"] = seconds
     _deltas(out.metrics, flat, "base", "gain", +1)
