@@ -172,6 +172,9 @@ ID_PREFIX = {
     "lr_warmup_steps": "lrwarm", "lr_warmup_ratio": "lrwarmr", "max_grad_norm": "clip", "weight_decay": "wd",
     "group_by_length": "glen", "eval_steps": "evalevery",
 }
+# A suite key a user reaches for (the tutorials' words) -> the harness's, said when the key is unknown
+KEY_ALIASES = {"fields": "columns", "column_map": "columns", "eval": "eval_split (a named split) or test_size",
+               "dataset": "hub (a dataset id) or train (a local file)", "template": "chat_template"}
 # What the tutorials (transformers, trl, peft) call a setting the harness names otherwise: an unknown setting of
 # one of these names says where it lives here
 ALIASES = {
@@ -512,7 +515,9 @@ def _first_error(exc: ValidationError, model: type[BaseModel] | None = None) -> 
     err = exc.errors()[0]
     msg = _message(err)
     if err["type"] == "extra_forbidden" and model is not None:
-        msg += close_matches(err["loc"][-1], _keys_at(model, err["loc"][:-1]))
+        key, keys = err["loc"][-1], _keys_at(model, err["loc"][:-1])
+        alias = KEY_ALIASES.get(str(key))
+        msg += f": the harness calls it {alias}" if alias and alias.split()[0] in keys else close_matches(key, keys)
     return _where(err["loc"]), msg
 
 

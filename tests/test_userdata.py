@@ -161,9 +161,15 @@ def test_unknown_settings_read_whole(tmp_path, settings, expected):
     assert msg.startswith(expected) and "…" not in msg, msg
 
 
-def test_an_unknown_data_key_suggests_the_right_one(tmp_path):
-    p = write(tmp_path, data=QA.replace("columns:", "column:"))
-    assert error(p) == "data.column: unknown key (did you mean 'columns'?)"
+@pytest.mark.parametrize("old, new, expected", [
+    ("columns:", "column:", "data.column: unknown key (did you mean 'columns'?)"),
+    ("columns:", "fields:", "data.fields: unknown key: the harness calls it columns"),  # the words
+    ("test_size: 0.25", "eval: test", "data.eval: unknown key: the harness calls it eval_split (a named split) or "
+                                      "test_size"),
+])
+def test_an_unknown_data_key_says_the_right_one(tmp_path, old, new, expected):
+    p = write(tmp_path, data=QA.replace(old, new))
+    assert error(p) == expected
 
 
 def test_a_registered_task_pointed_at_local_data_loads_offline(tmp_path, monkeypatch):
