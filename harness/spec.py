@@ -629,6 +629,11 @@ def _check_semantics(path: Path, suite: Suite) -> None:
                 if errs:
                     raise SpecError(path, f"matrix.{axis}[{i}]", _message(errs[0])) from None
     validate_settings(path, dict(suite.settings), "settings")
+    evals = [v for v in [suite.settings.get("eval_steps"), *suite.matrix.get("eval_steps", [])] if v is not None]
+    if evals and (suite.data is None or not suite.data.heldout):
+        where = "settings.eval_steps" if "eval_steps" in suite.settings else "matrix.eval_steps"
+        raise SpecError(path, where, "eval loss during training needs a held-out split: give data.test_size or "
+                                     "data.eval_split")
     if suite.replicates > 1 and "seed" in suite.matrix:
         raise SpecError(path, "replicates", "the matrix already has a 'seed' axis: keep one of them")
     for i, exp in enumerate(suite.expectations):

@@ -161,6 +161,11 @@ def test_unknown_settings_read_whole(tmp_path, settings, expected):
     assert msg.startswith(expected) and "…" not in msg, msg
 
 
+def test_eval_during_training_without_a_held_out_split_fails_at_collection(tmp_path):
+    p = write(tmp_path, data=QA.replace("\n  test_size: 0.25", ""), settings="max_steps: 4, eval_steps: 2")
+    assert error(p).startswith("settings.eval_steps: eval loss during training needs a held-out split")
+
+
 @pytest.mark.parametrize("old, new, expected", [
     ("columns:", "column:", "data.column: unknown key (did you mean 'columns'?)"),
     ("columns:", "fields:", "data.fields: unknown key: the harness calls it columns"),  # the words
