@@ -49,7 +49,7 @@ class Local:
         return spec.train if spec.train is not None else next(iter(self.files(spec).values()))[0]
 
     def check(self, spec) -> None:
-        for split, paths in self.files(spec).items():
+        for paths in self.files(spec).values():
             for p in paths:
                 path = Path(p)
                 if path.is_dir():

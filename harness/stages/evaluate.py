@@ -18,7 +18,6 @@ from harness import methods
 from harness.metrics import EVAL_TASKS_TABLE, merged_variant
 from harness.stages import Context, Inputs, StageOutput, free, sync
 
-
 # lm-eval builders of local data files, by suffix (a registered task pointed at a local copy reads it with these)
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
