@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-EXCLUDED = ("tasks", "data")  # folders under suites/ that hold lm-eval tasks and data, not suites
+EXCLUDED = ("tasks", "data", "templates")  # folders under suites/ that hold lm-eval tasks, data, chat templates
 
 
 class UserError(Exception):

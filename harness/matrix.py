@@ -18,6 +18,7 @@ from harness.spec import (
     Settings,
     SpecError,
     Suite,
+    resolved_data,
     short,
     validate_settings,
 )
@@ -71,15 +72,14 @@ def expand(suite: Suite, path: Path | str) -> list[Case]:
     """Every combination of the matrix axes, in file order, each validated as a whole."""
     path = Path(path).resolve()
     base = path.parent
-    data = None
-    if suite.data is not None:
-        data = DataSpec(
-            train=str((base / suite.data.train).resolve()),
-            tokenizer_corpus=[str((base / p).resolve()) for p in suite.data.tokenizer_corpus],
-        )
+    data = resolved_data(suite, base)
     ev = suite.eval
-    if ev is not None and ev.heldout is not None:
-        ev = ev.model_copy(update={"heldout": str((base / ev.heldout).resolve())})
+    if ev is not None:  # every path absolute: lm-eval resolves data_files from the working directory
+        tasks = [t.model_copy(update={"data_files": {k: str((base / v).resolve()) for k, v in t.data_files.items()}})
+                 if t.data_files else t for t in ev.tasks]
+        ev = ev.model_copy(update={
+            "tasks": tasks, "heldout": str((base / ev.heldout).resolve()) if ev.heldout else None,
+            "task_dir": str((base / ev.task_dir).resolve()) if ev.task_dir else None})
     model = sources.get(suite.model.source).resolve(suite.model, base)  # its paths made absolute
     if model.tokenizer is not None and sources.tokenizer_is_path(model.tokenizer):
         model = model.model_copy(update={"tokenizer": str((base / Path(model.tokenizer).expanduser()).resolve())})

@@ -56,6 +56,8 @@ REGISTRY: tuple[MetricInfo, ...] = (
     MetricInfo("*perplexity*", "", "lower", 0.05, "perplexity"),
     MetricInfo("*bits_per_byte", "bits", "lower", 0.05, "bits per byte"),
     MetricInfo("*.loss_first", "", "none", 1.0, "first loss"),
+    MetricInfo("*.eval_loss_first", "nats", "none", 1.0, "held-out loss at the first eval in training"),
+    MetricInfo("*.eval_loss_last", "nats", "lower", 0.10, "held-out loss at the last eval in training"),
     MetricInfo("*.loss_drop", "", "higher", 0.25, "loss drop"),
     MetricInfo("*loss*", "", "lower", 0.10, "loss"),
     MetricInfo("*_pct", "%", "lower", 0.25, "percent"),
@@ -148,6 +150,8 @@ def gen_metric(form: str, batch: int, metric: str) -> str:
     return f"gen.{form}.bs{batch}.{metric}"
 
 
+EVAL_TASKS_TABLE = "eval.tasks"  # a table: each eval task's main metric, and which is the suite's primary quality metric
+
 # the shipped eval's metrics that headline and README tables quote
 MC_ACC = eval_metric("support_mc", "acc")  # multiple choice in wordings no training row uses
 MC_BASE_ACC = eval_metric("support_mc", "acc", "base")  # the same, of the untrained base
@@ -190,6 +194,7 @@ EMITTED: dict[str, tuple[str, ...]] = {
         "train.*_ratio", "train.mfu*", "train.*_tflops", "train.healthy",
         # cases over ranks (harness/stages/train_distributed.py): per rank, max and sum over ranks, the wrapping
         "train.world_size", "train.fsdp_modules", "train.dtensor_param_share", "train.rank*", "train.ranks_*",
+        "train.eval_loss_first", "train.eval_loss_last",  # eval on the held-out split during training
     ),
     "estimate": ("estimate.*_gib", "estimate.bits_per_param", "estimate.trainable_params",
                  "estimate.tokens_per_batch", "estimate.profiled_step_tokens"),

@@ -13,6 +13,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -29,6 +30,8 @@ Scalar = str | int | float | bool | None
 # Tier -> memory budget in GiB a case's predicted peak must fit (cards sold as 24/48/80 GB show a bit less).
 TIERS: dict[str, float | None] = {"cpu": None, "gpu-24gb": 23.5, "gpu-48gb": 47.5, "gpu-80gb": 79.0}
 STAGES = ("quant", "train", "eval", "generate")
+SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit")
 WEIGHT_SOURCES = ("model", "normal", "student_t", "laplace", "outliers")
 # quant stage: what is done to each weight before the method quantizes it (harness/stages/quant.py): "dither"
@@ -72,9 +75,20 @@ class Settings(Strict):
     seq_len: int = Field(128, ge=8)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
-    max_steps: int = Field(30, ge=1)
-    warmup_steps: int = Field(3, ge=0)  # steps excluded from timing
+    max_steps: int = Field(30, ge=1)  # optimizer steps (ignored where num_train_epochs is given)
+    num_train_epochs: float | None = Field(None, gt=0)  # passes over the training split, instead of max_steps
+    # TIMING warm-up: the first steps left out of every speed and memory figure. Not the learning rate's warm-up,
+    # which is lr_warmup_steps / lr_warmup_ratio
+    warmup_steps: int = Field(3, ge=0)
     learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler_type: Literal[SCHEDULERS] = "constant"  # transformers' names (linear, cosine, ...)
+    lr_warmup_steps: int = Field(0, ge=0)  # learning-rate warm-up in optimizer steps (transformers' warmup_steps)
+    lr_warmup_ratio: float = Field(0.0, ge=0, lt=1)  # ... or as a share of all steps (one of the two)
+    max_grad_norm: float = Field(1.0, ge=0)  # gradient clipping (0: none)
+    weight_decay: float = Field(0.0, ge=0)
+    group_by_length: bool = False  # batches of rows of similar length (transformers' LengthGroupedSampler)
+    # eval loss on the data's held-out split every N optimizer steps during training (none: no eval in training)
+    eval_steps: int | None = Field(None, ge=1)
     optimizer: Literal[OPTIMIZERS] = "adamw_torch"
     gradient_checkpointing: bool = False
     packing: bool = False
@@ -160,7 +174,11 @@ class Settings(Strict):
 
     @model_validator(mode="after")
     def _steps(self) -> Settings:
-        if self.warmup_steps >= self.max_steps:
+        if self.num_train_epochs is not None and "max_steps" in self.model_fields_set:
+            raise ValueError("give max_steps or num_train_epochs, not both")
+        if self.lr_warmup_steps and self.lr_warmup_ratio:
+            raise ValueError("give lr_warmup_steps or lr_warmup_ratio, not both")
+        if self.num_train_epochs is None and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         return self
 
@@ -176,6 +194,22 @@ ID_PREFIX = {
     "precision": "", "merge_strategy": "", "gen_prompt_tokens": "prompt", "gen_new_tokens": "new",
     "gen_repeats": "rep", "gen_batch_sizes": "gbs", "launcher": "", "nproc": "np", "nnodes": "nodes",
     "rdzv_endpoint": "rdzv", "strategy": "", "dist_timeout_s": "pgtimeout",
+    "num_train_epochs": "ep", "lr_scheduler_type": "",
+    "lr_warmup_steps": "lrwarm", "lr_warmup_ratio": "lrwarmr", "max_grad_norm": "clip", "weight_decay": "wd",
+    "group_by_length": "glen", "eval_steps": "evalevery",
+}
+# A suite key a user reaches for (the tutorials' words) -> the harness's, said when the key is unknown
+KEY_ALIASES = {"fields": "columns", "column_map": "columns", "eval": "eval_split (a named split) or test_size",
+               "dataset": "hub (a dataset id) or train (a local file)", "template": "chat_template"}
+# What the tutorials (transformers, trl, peft) call a setting the harness names otherwise: an unknown setting of
+# one of these names says where it lives here
+ALIASES = {
+    "max_length": "seq_len", "max_seq_length": "seq_len", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "optim": "optimizer", "r": "lora_r",
+    "dataset_text_field": "data.columns (e.g. data: {columns: {text: body}})",
+    "warmup_ratio": "lr_warmup_ratio", "bnb_4bit_compute_dtype": "compute_dtype", "epochs": "num_train_epochs",
+    "eval_strategy": "eval_steps", "bf16": "compute_dtype: bf16", "fp16": "compute_dtype: fp16",
+    "completion_only_loss": "data.loss: completion", "assistant_only_loss": "data.loss: completion",
 }
 
 
@@ -223,14 +257,98 @@ class ModelSpec(Strict):
 
 
 class DataSpec(Strict):
-    train: str  # JSONL with a "text" field (or "messages"), relative to the suite file
+    """Where the training data comes from and how it becomes one of trl's formats (harness/data/).
+
+    One source: ``train`` (a local JSON/JSONL/CSV/Parquet/Arrow file, or a ``save_to_disk`` folder, relative to the
+    suite file), ``files`` (named splits of local files) or ``hub`` (a dataset id with ``revision``), all read by
+    ``datasets``. ``format`` names the rows' shape (harness/data/formats/: text, messages, prompt-completion, qa),
+    ``columns`` maps its fields onto the file's columns.
+    """
+
+    train: str | None = None  # a local data file or a save_to_disk folder, relative to the suite file
+    files: dict[str, str | list[str]] | None = None  # local files by split name: {train: a.jsonl, test: b.jsonl}
+    hub: str | None = None  # a hub dataset id, read with datasets.load_dataset (cached, or reachable)
+    revision: str | None = None  # hub: a commit, tag or branch
+    name: str | None = None  # hub: the dataset's configuration
+    split: str = "train"  # the split trained on
+    format: str = "auto"  # text | messages | prompt-completion | qa; auto: from the columns present
+    columns: dict[str, str] = {}  # the format's field -> the file's column, e.g. {question: q, answer: a}
+    system_prompt: str | None = None  # qa: a system turn before every question (with a chat template)
+    # the chat template rows are rendered with: "model" (the tokenizer's own), "none" (plain text), or a Jinja
+    # file (relative to the suite) for a base model without one; default: the model's own for conversational rows
+    chat_template: str | None = None
+    loss: Literal["completion", "all"] = "completion"  # completion: trl's completion_only_loss/assistant_only_loss
+    # the held-out split, for eval loss during training and for scoring (heldout_text, heldout_answers tasks):
+    # a named split of the source, or test_size (a share < 1, or a row count) of the training split
+    eval_split: str | None = None
+    test_size: float | None = Field(None, gt=0)
+    split_seed: int = 0  # the shuffle of test_size's split
+    max_rows: int | None = Field(None, ge=1)  # the first N training rows (after the split)
     tokenizer_corpus: list[str] = []  # further files a synthetic model's tokenizer is trained on
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        given = [k for k in ("train", "files", "hub") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("name one source: train (a local file or folder), files (splits of local files) or "
+                             "hub (a dataset id)" + (f"; got {', '.join(given)}" if given else ""))
+        if self.eval_split is not None and self.test_size is not None:
+            raise ValueError("give eval_split (a named split) or test_size (split off the training rows), not both")
+        if self.revision is not None and self.hub is None:
+            raise ValueError("revision applies to a hub dataset: add hub: <dataset id>")
+        from harness import data
+
+        try:
+            data.formats.get(self.format) if self.format != "auto" else None
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+        return self
+
+    @property
+    def heldout(self) -> bool:
+        """Whether the data has a held-out split."""
+        return self.eval_split is not None or self.test_size is not None
+
+
+class TaskSpec(Strict):
+    """One lm-eval task with its own options; ``data_files`` points a registered task at a local copy of its data
+    (lm-eval's dataset_path/dataset_kwargs overridden, paths relative to the suite file), so it runs offline."""
+
+    name: str
+    num_fewshot: int | None = Field(None, ge=0)  # default: eval.num_fewshot
+    limit: int | None = Field(None, ge=1)  # the first N documents of this task (of each of its splits)
+    data_files: dict[str, str] | None = None  # split name -> local JSON/JSONL/CSV/Parquet file
+
+
+def _task_spec(v: Any) -> Any:
+    return {"name": v} if isinstance(v, str) else v
 
 
 class EvalSpec(Strict):
-    tasks: list[str] = Field(min_length=1)  # shipped (suites/tasks/*.yaml) or installed lm-eval tasks
+    # shipped (suites/tasks/*.yaml), in ``task_dir``, installed lm-eval tasks, or the data's held-out split
+    # (heldout_text: bits per byte; heldout_answers: answer log-likelihood and exact match): a name or a mapping
+    tasks: list[Annotated[TaskSpec, BeforeValidator(_task_spec)]] = Field(min_length=1)
     num_fewshot: int = Field(0, ge=0)
+    task_dir: str | None = None  # a folder of the user's own lm-eval task YAML (relative to the suite)
+    apply_chat_template: bool = False  # lm-eval renders each request with the tokenizer's chat template
+    fewshot_as_multiturn: bool = False  # with apply_chat_template: few-shot examples as turns
+    # the quality metric verdicts and the headline lead with, eval.<task>.<metric>; default: the first task's
+    # main metric (bits_per_byte of a perplexity task, else acc)
+    primary: str | None = None
     heldout: str | None = None  # JSONL of held-out ``text`` rows (relative to the suite): merge fidelity probe
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @model_validator(mode="after")
+    def _primary(self) -> EvalSpec:
+        if self.primary is not None:
+            parts = self.primary.split(".")
+            if len(parts) != 3 or parts[0] != "eval" or parts[1] not in self.names:
+                raise ValueError(f"primary {self.primary!r}: expected eval.<task>.<metric> with a task of "
+                                 f"eval.tasks ({', '.join(self.names)})")
+        return self
 
 
 class MetricExpectation(Strict):
@@ -381,7 +499,7 @@ class Suite(Strict):
     @model_validator(mode="after")
     def _needs(self) -> Suite:
         if ("train" in self.stages or "eval" in self.stages) and self.data is None:
-            raise ValueError("stages 'train' and 'eval' need 'data: {train: <file.jsonl>}'")
+            raise ValueError("stages 'train' and 'eval' need 'data: {train: <file>}' (or files:, hub:)")
         if "eval" in self.stages and self.eval is None:
             raise ValueError("stage 'eval' needs 'eval: {tasks: [...]}'")
         if "eval" in self.stages and "train" not in self.stages:
@@ -419,9 +537,55 @@ def short(value: Any) -> str:
     return one_line(_SHORT.repr(value), 120)
 
 
-def _first_error(exc: ValidationError) -> tuple[str, str]:
+def _first_error(exc: ValidationError, model: type[BaseModel] | None = None) -> tuple[str, str]:
     err = exc.errors()[0]
-    return _where(err["loc"]), _message(err)
+    msg = _message(err)
+    if err["type"] == "extra_forbidden" and model is not None:
+        key, keys = err["loc"][-1], _keys_at(model, err["loc"][:-1])
+        alias = KEY_ALIASES.get(str(key))
+        msg += f": the harness calls it {alias}" if alias and alias.split()[0] in keys else close_matches(key, keys)
+    return _where(err["loc"]), msg
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys the schema allows at ``loc`` (for "did you mean"): walks nested models, skipping list indices."""
+    import typing
+
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        todo, found = [field.annotation], None
+        while todo and found is None:
+            t = todo.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                found = t
+            else:
+                todo += list(typing.get_args(t))
+        if found is None:
+            return []
+        model = found
+    return list(model.model_fields)
+
+
+def close_matches(word: str, names: list[str]) -> str:
+    """`` (did you mean 'lora_r'?)`` from difflib's close matches, or nothing."""
+    import difflib
+
+    near = difflib.get_close_matches(str(word), names, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else ""
+
+
+def unknown_setting(key: str) -> str:
+    """One readable line: the harness's name for a tutorial's name, else close matches, then where all are listed
+    (the full list of ~50 names does not fit in one line: it was cut mid-word)."""
+    if key in ALIASES:
+        return f"unknown setting {short(key)}: the harness calls it {ALIASES[key]}"
+    names = setting_names()
+    return (f"unknown setting {short(key)}{close_matches(key, names)}; the {len(names)} settings are listed with "
+            "their meaning in harness/spec.py (class Settings)")
 
 
 def setting_names() -> list[str]:
@@ -460,7 +624,7 @@ def load_suite(path: Path | str) -> Suite:
     try:
         suite = Suite.model_validate(raw)
     except ValidationError as exc:
-        loc, msg = _first_error(exc)
+        loc, msg = _first_error(exc, Suite)
         raise SpecError(path, loc, msg) from None
     _check_semantics(path, suite)
     return suite
@@ -475,10 +639,10 @@ def _check_semantics(path: Path, suite: Suite) -> None:
                                         f"{MAX_CASES:,}: split the suite or drop values")
     for key in suite.settings:
         if key not in known:
-            raise SpecError(path, f"settings.{key}", f"unknown setting (expected one of {', '.join(known)})")
+            raise SpecError(path, f"settings.{key}", unknown_setting(key))
     for axis, values in suite.matrix.items():
         if axis not in known:
-            raise SpecError(path, f"matrix.{axis}", f"unknown setting (expected one of {', '.join(known)})")
+            raise SpecError(path, f"matrix.{axis}", unknown_setting(axis))
         if axis in suite.settings:
             raise SpecError(path, f"matrix.{axis}", "is also fixed under 'settings': keep one")
         for i, value in enumerate(values):
@@ -491,6 +655,11 @@ def _check_semantics(path: Path, suite: Suite) -> None:
                 if errs:
                     raise SpecError(path, f"matrix.{axis}[{i}]", _message(errs[0])) from None
     validate_settings(path, dict(suite.settings), "settings")
+    evals = [v for v in [suite.settings.get("eval_steps"), *suite.matrix.get("eval_steps", [])] if v is not None]
+    if evals and (suite.data is None or not suite.data.heldout):
+        where = "settings.eval_steps" if "eval_steps" in suite.settings else "matrix.eval_steps"
+        raise SpecError(path, where, "eval loss during training needs a held-out split: give data.test_size or "
+                                     "data.eval_split")
     if suite.replicates > 1 and "seed" in suite.matrix:
         raise SpecError(path, "replicates", "the matrix already has a 'seed' axis: keep one of them")
     for i, exp in enumerate(suite.expectations):
@@ -512,7 +681,7 @@ def _check_semantics(path: Path, suite: Suite) -> None:
                 raise SpecError(path, f"expectations[{i}]", f"selects on unknown setting {short(key)}")
         field = ("metric" if isinstance(exp, MetricExpectation) else
                  "compare" if isinstance(exp, NonInferiorityExpectation) else "ratio")
-        why = metrics.unknown_metric(getattr(exp, field), suite.stages, suite.eval.tasks if suite.eval else ())
+        why = metrics.unknown_metric(getattr(exp, field), suite.stages, suite.eval.names if suite.eval else ())
         if why:
             raise SpecError(path, f"expectations[{i}].{field}", why)
     base = path.parent
@@ -522,23 +691,82 @@ def _check_semantics(path: Path, suite: Suite) -> None:
     tok = suite.model.tokenizer
     if tok is not None and sources.tokenizer_is_path(tok) and not (base / Path(tok).expanduser()).is_dir():
         raise SpecError(path, "model.tokenizer", f"tokenizer folder not found: {base / tok}")
+    fmt = None
     if suite.data is not None:
-        for where, rel in [("data.train", suite.data.train)] + [
-            (f"data.tokenizer_corpus[{i}]", p) for i, p in enumerate(suite.data.tokenizer_corpus)
-        ]:
+        for i, rel in enumerate(suite.data.tokenizer_corpus):
             if not (base / rel).is_file():
-                raise SpecError(path, where, f"data file not found: {base / rel}")
+                raise SpecError(path, f"data.tokenizer_corpus[{i}]", f"data file not found: {base / rel}")
+        fmt = _check_data(path, suite)
     if suite.eval is not None and suite.eval.heldout is not None and not (base / suite.eval.heldout).is_file():
         raise SpecError(path, "eval.heldout", f"data file not found: {base / suite.eval.heldout}")
     if suite.eval is not None:
-        task_dir = base / "tasks"
-        for i, task in enumerate(suite.eval.tasks):
-            shipped = task_dir / f"{task}.yaml"
-            if shipped.is_file():
-                _check_task_data(path, f"eval.tasks[{i}]", shipped)
-            elif task not in installed_tasks():
-                raise SpecError(path, f"eval.tasks[{i}]", f"unknown lm-eval task {short(task)}: not shipped in "
-                                                         f"{task_dir}/ and not an installed lm-eval task")
+        _check_tasks(path, suite, fmt)
+
+
+def resolved_data(suite: Suite, base: Path) -> DataSpec | None:
+    """The suite's data with every local path absolute (relative to the suite file)."""
+    d = suite.data
+    if d is None:
+        return None
+
+    def absolute(p: str) -> str:
+        return str((base / p).resolve())
+
+    files = None if d.files is None else {
+        k: absolute(v) if isinstance(v, str) else [absolute(x) for x in v] for k, v in d.files.items()}
+    template = d.chat_template if d.chat_template in (None, "model", "none") else absolute(d.chat_template)
+    return d.model_copy(update={"train": absolute(d.train) if d.train is not None else None, "files": files,
+                                "chat_template": template,
+                                "tokenizer_corpus": [absolute(p) for p in d.tokenizer_corpus]})
+
+
+def _check_data(path: Path, suite: Suite):
+    """The data's source and columns, read before any model is loaded (harness.data.check)."""
+    from harness import data
+
+    spec = resolved_data(suite, path.parent)
+    where = "data.train" if spec.train is not None else "data.files" if spec.files is not None else "data.hub"
+    try:
+        return data.check(spec)
+    except data.DataError as exc:
+        raise SpecError(path, where, str(exc)) from None
+
+
+def task_dirs(suite: Suite, base: Path) -> list[Path]:
+    """Folders of task YAML the suite's tasks are looked up in: the user's ``eval.task_dir``, then ``tasks/``."""
+    dirs = [base / suite.eval.task_dir] if suite.eval is not None and suite.eval.task_dir else []
+    return dirs + [base / "tasks"]
+
+
+def _check_tasks(path: Path, suite: Suite, fmt) -> None:
+    from harness import data
+
+    base = path.parent
+    dirs = task_dirs(suite, base)
+    if suite.eval.task_dir is not None and not dirs[0].is_dir():
+        raise SpecError(path, "eval.task_dir", f"task folder not found: {dirs[0]}")
+    for i, task in enumerate(suite.eval.tasks):
+        where = f"eval.tasks[{i}]"
+        if task.name in data.HELDOUT_TASKS:
+            if suite.data is None or not suite.data.heldout:
+                raise SpecError(path, where, f"{task.name} scores the data's held-out split: give data.test_size "
+                                             "or data.eval_split")
+            if task.name == "heldout_answers" and fmt is not None and not fmt.answers:
+                raise SpecError(path, where, f"heldout_answers needs rows with a prompt and an answer (qa or "
+                                             f"prompt-completion), not {fmt.name}: use heldout_text")
+            continue
+        for name, rel in (task.data_files or {}).items():
+            if not (base / rel).is_file():
+                raise SpecError(path, f"{where}.data_files.{name}", f"data file not found: {(base / rel).resolve()}")
+        own = next((d / f"{task.name}.yaml" for d in dirs if (d / f"{task.name}.yaml").is_file()), None)
+        if own is not None:
+            _check_task_data(path, where, own)
+        elif task.name not in installed_tasks():
+            raise SpecError(path, where, f"unknown lm-eval task {short(task.name)}: not in "
+                                         f"{', '.join(str(d) + '/' for d in dirs)} and not an installed lm-eval task")
+        elif task.data_files is not None and installed_task_path(task.name) is None:
+            raise SpecError(path, f"{where}.data_files", f"{task.name} is an lm-eval group or tag, not one task: "
+                                                         "name its tasks one by one to give them local data")
 
 
 def _tasks_cache() -> Path:
@@ -555,24 +783,38 @@ def installed_tasks(cache: Path | None = None) -> frozenset[str]:
     global _installed
     if _installed is not None and cache is None:
         return _installed
+    names = frozenset(_task_index(cache))
+    if cache is None:
+        _installed = names
+    return names
+
+
+def _task_index(cache: Path | None = None) -> dict[str, str | None]:
+    """lm-eval's registered names -> the YAML file of each single task (None for groups, tags, Python tasks)."""
     from importlib.metadata import version
 
     from harness.records import write_json_atomic
 
-    file = (cache or _tasks_cache()) / f"lm_eval_tasks-{version('lm_eval')}.json"
+    file = (cache or _tasks_cache()) / f"lm_eval_task_index-{version('lm_eval')}.json"
     try:
-        names = frozenset(json.loads(file.read_text()))
+        return json.loads(file.read_text())
     except (OSError, ValueError):
         from lm_eval.tasks import TaskManager
 
-        names = frozenset(TaskManager().all_tasks)
+        index = {}
+        for name, entry in TaskManager().task_index.items():
+            single = getattr(getattr(entry, "kind", None), "name", "") == "TASK" and entry.yaml_path
+            index[name] = str(entry.yaml_path) if single else None
         try:
-            write_json_atomic(file, sorted(names), overwrite=True)
+            write_json_atomic(file, index, overwrite=True)
         except OSError:
             pass  # an unwritable cache only costs time
-    if cache is None:
-        _installed = names
-    return names
+        return index
+
+
+def installed_task_path(name: str) -> str | None:
+    """The YAML file of an installed lm-eval task (None for a group or tag, or a name lm-eval does not have)."""
+    return _task_index().get(name)
 
 
 def _check_task_data(path: Path, where: str, task_file: Path) -> None:

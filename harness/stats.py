@@ -516,6 +516,20 @@ def ratio_basis(r: Mapping[str, Any]) -> str:
 Outcome = Literal["pass", "fail", "inconclusive"]
 
 
+MIN_ITEMS = 10  # fewer eval items: a bootstrap over them has few distinct resamples (4 items: 35), no pass or fail
+
+
+def thin_evidence(d: Difference) -> str:
+    """Why an interval cannot carry a verdict ('' when it can): one training seed (seed-to-seed variation left
+    out), or fewer than MIN_ITEMS eval items behind a per-item interval."""
+    reasons = []
+    if min(d.n_seeds) < 2:
+        reasons.append("it rests on one training seed and leaves out seed-to-seed variation (add replicates:)")
+    if 0 < d.n_items < MIN_ITEMS:
+        reasons.append(f"it rests on {d.n_items} eval items (fewer than {MIN_ITEMS})")
+    return " and ".join(reasons)
+
+
 def noninferiority(d: Difference, margin: float, direction: str) -> tuple[Outcome, str]:
     """Is ``method`` at most ``margin`` worse than the reference? Judged on the interval of the difference.
 
@@ -528,6 +542,11 @@ def noninferiority(d: Difference, margin: float, direction: str) -> tuple[Outcom
     if not (math.isfinite(d.lo) and math.isfinite(d.hi)):
         return "inconclusive", f"{interval}: no interval (a single seed without per-item results)"
     worse_lo, worse_hi = (-d.hi, -d.lo) if direction == "higher" else (d.lo, d.hi)  # how much worse, as an interval
+    thin = thin_evidence(d)
+    if thin:  # an interval that cannot carry a verdict: say what it would have said, and why it does not count
+        side = ("within the margin" if worse_hi < margin else "beyond the margin" if worse_lo > margin
+                else "straddling the margin")
+        return "inconclusive", f"{interval}: {side} {margin:g}, but {thin}"
     if worse_hi < margin:
         return "pass", f"{interval}: worse by at most {max(worse_hi, 0):.4g} < margin {margin:g}"
     if worse_lo > margin:
@@ -577,9 +596,11 @@ def verdict(d: Difference, gain: Difference | None = None) -> str:
     sentence says the metric is uninformative first: "no difference" on an eval nobody learned means nothing.
     """
     plain = _verdict(d)
-    if _detected(d) and min(d.n_seeds) < 2:
-        # one training seed: the interval covers eval items only, not how another seed would have trained
-        plain += " (one seed: the interval leaves out seed-to-seed variation)"
+    thin = thin_evidence(d)
+    if thin and math.isfinite(d.lo) and math.isfinite(d.hi):
+        # one training seed (the interval covers eval items only, not how another seed would have trained) or a
+        # handful of items: what the interval shows, said as inconclusive
+        plain = f"inconclusive: {plain}, but {thin}"
     if informative(gain) is False:
         ref = d.reference.partition("[")[2].rstrip("]") or d.reference
         head = f"uninformative: {ref} did not improve on its untrained base ({gain_text(gain)})"

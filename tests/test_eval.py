@@ -12,7 +12,8 @@ import peft  # noqa: F401
 import pytest
 import yaml
 
-from harness.stages.evaluate import prepare_tasks, score
+from harness.spec import TaskSpec
+from harness.stages.evaluate import score, task_config
 
 pytest_plugins = ["pytester"]
 SUITES = Path(__file__).resolve().parents[1] / "suites"
@@ -33,11 +34,10 @@ timeout_s: 600
 
 
 def test_task_data_paths_become_absolute(tmp_path):
-    shipped, others = prepare_tasks(SUITES / "tasks", ["support_mc", "hellaswag"], tmp_path)
-    assert shipped == ["support_mc"] and others  # hellaswag is an installed task: defaults stay on
-    cfg = yaml.safe_load((tmp_path / "support_mc.yaml").read_text())
+    """lm-eval resolves data_files from the working directory: a shipped task's relative paths become absolute."""
+    cfg = task_config(TaskSpec(name="support_mc", num_fewshot=2), [SUITES / "tasks"], {})
     path = Path(cfg["dataset_kwargs"]["data_files"]["test"])
-    assert path.is_absolute() and path.is_file()
+    assert path.is_absolute() and path.is_file() and cfg["num_fewshot"] == 2
 
 
 @pytest.mark.slow

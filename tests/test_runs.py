@@ -335,7 +335,8 @@ def test_unknown_lm_eval_task_is_refused(tmp_path: Path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir()
     # the installed task names, as lm-eval's TaskManager lists them (cached: indexing takes most of a minute)
-    (cache / f"lm_eval_tasks-{version('lm_eval')}.json").write_text(json.dumps(["hellaswag", "arc_easy"]))
+    (cache / f"lm_eval_task_index-{version('lm_eval')}.json").write_text(json.dumps({"hellaswag": None,
+                                                                                     "arc_easy": None}))
     monkeypatch.setenv("QLORA_HARNESS_CACHE", str(cache))
     monkeypatch.setattr("harness.spec._installed", None, raising=False)
     train = f"data: {{train: {DATA}}}\nstages: [train, eval]\neval: {{tasks: [TASK]}}"

@@ -207,14 +207,33 @@ def test_verdicts_over_five_methods_hold_their_family_wise_error():
 
 def test_a_difference_found_on_one_seed_says_what_its_interval_leaves_out():
     """CI's seed-0 smoke found qlora-nf4-dq worse on MC by 0.06 [0.003, 0.116] over items; three seeds of the
-    same suite gave -0.022 [-0.065, +0.017]. A one-seed verdict must say its interval has no seed part."""
+    same suite gave -0.022 [-0.065, +0.017]. A one-seed verdict must say its interval has no seed part, and that
+    it is inconclusive."""
     one = stats.Difference("eval.t.acc", "g", "r", -0.06, -0.1155, -0.0028, (1, 1), 400, True, "x")
-    assert stats.verdict(one) == ("worse by 0.060 [0.003, 0.116] (one seed: the interval leaves out "
-                                  "seed-to-seed variation)")
+    assert stats.verdict(one) == ("inconclusive: worse by 0.060 [0.003, 0.116], but it rests on one training seed "
+                                  "and leaves out seed-to-seed variation (add replicates:)")
     three = stats.Difference("eval.t.acc", "g", "r", -0.06, -0.1155, -0.0028, (3, 3), 400, True, "x")
-    assert "one seed" not in stats.verdict(three)
+    assert "one training seed" not in stats.verdict(three) and stats.verdict(three).startswith("worse by")
     null = stats.Difference("eval.t.acc", "g", "r", -0.01, -0.05, 0.03, (1, 1), 400, True, "x")
-    assert stats.verdict(null).startswith("no detectable") and "one seed" not in stats.verdict(null)
+    assert stats.verdict(null).startswith("inconclusive: no detectable") and "one training seed" in stats.verdict(null)
+
+
+@pytest.mark.parametrize("n_seeds, n_items, why", [
+    ((1, 1), 400, "one training seed"),  # the issue's case: one seed ...
+    ((3, 3), 4, "4 eval items"),  # ... or 4 held-out documents: neither can fail (or pass) a method
+    ((1, 1), 4, "one training seed and leaves out seed-to-seed variation (add replicates:) and it rests on 4"),
+])
+def test_noninferiority_on_one_seed_or_a_handful_of_items_is_inconclusive(n_seeds, n_items, why):
+    """The issue: one seed and 4 held-out documents, and a non-inferiority check FAILED on an interval that
+    bootstraps 4 items and ignores seed variation. Known truth: the same interval with 3 seeds and 400 items
+    fails (it lies wholly beyond the margin); thin evidence must turn that into inconclusive, saying why."""
+    d = stats.Difference("eval.t.bits_per_byte", "q[a]", "q[b]", 0.2, 0.1, 0.3, n_seeds, n_items, True, "x")
+    outcome, message = stats.noninferiority(d, 0.05, "lower")
+    assert outcome == "inconclusive" and why in message and "beyond the margin" in message, message
+    enough = stats.Difference("eval.t.bits_per_byte", "q[a]", "q[b]", 0.2, 0.1, 0.3, (3, 3), 400, True, "x")
+    assert stats.noninferiority(enough, 0.05, "lower")[0] == "fail"
+    seeds_only = stats.Difference("eval.t.bits_per_byte", "q[a]", "q[b]", 0.0, -0.01, 0.01, (3, 3), 0, True, "t")
+    assert stats.noninferiority(seeds_only, 0.05, "lower")[0] == "pass"  # over seeds only: no item count to doubt
 
 
 def test_verdicts_are_generated_from_the_interval():

@@ -34,53 +34,77 @@ COLUMNS = [
     ("RMSE", M.RMSE, "{:.2e}"),
     ("int4 / method RMSE", M.INT4_OVER_METHOD, "{:.2f}"),
     ("bits/param", M.BITS_PER_PARAM, "{:.3f}"),
-    ("held-out bits/byte", M.HELDOUT_BPB, "{:.3f}"),
-    ("recall acc", M.RECALL_ACC, "{:.3f}"),
-    ("support_mc acc (base → adapter)", None, ""),
-    ("gap to lora-bf16", M.eval_metric("support_mc", "acc_gap"), "{:+.3f}"),
-    ("merged acc", M.eval_metric("support_mc", "acc", "merged"), "{:.3f}"),
-]
+]  # the quality columns follow, one per eval task of the suite (quality_metrics), the primary metric first
 PAIRED = {M.EST_ALLOCATOR: M.PEAK_ALLOCATED, M.EST_TOTAL: M.NVML_PEAK,
           M.EST_AT_PROFILED_STEP: M.TENSOR_PEAK}
 
 
-def _cell(r: Record, metric: str | None, fmt: str) -> str:
+def quality_metrics(records: list[Record]) -> list[str]:
+    """The suite's quality metrics, ``eval.<task>.<metric>``, its primary metric first: as the eval stage recorded
+    them (``M.EVAL_TASKS_TABLE`` table: each task's main metric and the suite's primary), else read from the metric
+    names (each task's bits_per_byte where it has one, else its acc; a bits/byte metric leads)."""
+    for r in records:
+        rows = r.tables.get(M.EVAL_TASKS_TABLE)
+        if rows:
+            names = [M.eval_metric(row["task"], row["metric"]) for row in rows]
+            primary = [n for n, row in zip(names, rows, strict=True) if row.get("primary")]
+            return primary + [n for n in names if n not in primary]
+    found: dict[str, str] = {}
+    for r in records:
+        for name in r.metrics:
+            parts = name.split(".")
+            if len(parts) == 3 and parts[0] == "eval" and parts[2] in ("bits_per_byte", "acc"):
+                if found.get(parts[1]) != "bits_per_byte":
+                    found[parts[1]] = parts[2]
+    names = [M.eval_metric(t, m) for t, m in sorted(found.items())]
+    return sorted(names, key=lambda n: not n.endswith("bits_per_byte"))
+
+
+def _quality_header(metric: str, base: bool) -> str:
+    _, task, name = metric.split(".", 2)
+    return f"{task} {name.replace('bits_per_byte', 'bits/byte')}" + (" (base → adapter)" if base else "")
+
+
+def _base_of(metric: str) -> str:
+    _, task, name = metric.split(".", 2)
+    return M.eval_metric(task, name, "base")
+
+
+def _cell(r: Record, metric: str, fmt: str, base: bool = False) -> str:
     m = r.metrics
-    if metric is None:
-        if M.MC_ACC not in m:
-            return ""
-        err = m.get(M.eval_metric("support_mc", "acc_stderr"))
-        return (f"{m[M.MC_BASE_ACC]:.3f} → {m[M.MC_ACC]:.3f}"
-                + (f" ± {err:.3f}" if err is not None else ""))
     if metric not in m:
         return ""
     value = m[metric] / 1e6 if metric.endswith("_bytes") else m[metric]
+    if base:
+        err = m.get(f"{metric}_stderr")
+        head = f"{m[_base_of(metric)]:.3f} → " if _base_of(metric) in m else ""
+        return head + fmt.format(value) + (f" ± {err:.3f}" if err is not None else "")
     return fmt.format(value)
 
 
-def _group_cell(g: stats.Group, summary: dict[str, stats.Summary], metric: str | None, fmt: str) -> str:
-    """A replicate group's cell: ``mean ± half-width of the 95% interval over seeds`` (n > 1), else as one record."""
+def _group_cell(g: stats.Group, summary: dict[str, stats.Summary], metric: str, fmt: str, base: bool = False) -> str:
+    """A replicate group's cell: ``mean ± half-width of the 95% interval over seeds`` (n > 1), else as one record;
+    ``base``: the untrained base's mean first (``0.248 → 0.329 ± 0.022``)."""
     if len(g.records) == 1:
-        return _cell(g.records[0], metric, fmt)
-    name = M.MC_ACC if metric is None else metric
-    if name not in summary or (metric is not None and metric.endswith("_gap")):
+        return _cell(g.records[0], metric, fmt, base)
+    if metric not in summary:
         return ""
-    s = summary[name]
-    scale = 1e6 if name.endswith("_bytes") else 1.0
-    fmt = fmt if metric is not None else "{:.3f}"
+    s = summary[metric]
+    scale = 1e6 if metric.endswith("_bytes") else 1.0
     text = fmt.format(s.mean / scale)
     if s.n > 1 and s.half_width == s.half_width and s.half_width > 0:
         text += " ± " + fmt.format(s.half_width / scale).lstrip("+")
     if s.n < len(g.records):  # seeds without the metric, or whose timing the noise guard flagged
         text += f" (n={s.n})"
-    if metric is None and M.MC_BASE_ACC in summary:
-        text = f"{summary[M.MC_BASE_ACC].mean:.3f} → {text}"
+    if base and _base_of(metric) in summary:
+        text = f"{summary[_base_of(metric)].mean:.3f} → {text}"
     return text
 
 
-# Quality differences to the reference shown as their own columns (metric, header).
-DIFFERENCES = ((M.HELDOUT_BPB, "Δ held-out bits/byte [CI]"),  # the primary metric first
-               (M.MC_ACC, "Δ support_mc acc [CI]"))
+def differences(quality: list[str]) -> list[tuple[str, str]]:
+    """Quality differences to the reference shown as their own columns (metric, header): the primary metric and
+    the next quality metric of the suite."""
+    return [(m, f"Δ {_quality_header(m, False)} [CI]") for m in quality[:2]]
 
 
 def _diff_text(d: dict | None) -> str:
@@ -102,24 +126,27 @@ def table(run_dir: Path, suite: str = "smoke") -> str:
     ref = _reference(run_dir, suite)
     st = stats.run_stats(records, {suite: ref}).get("suites", {}).get(suite, {})
     diffs = {(d["group"], d["metric"]): d for d in st.get("differences", [])}
-    shown_diffs = [(m, h) for m, h in DIFFERENCES
+    shown_diffs = [(m, h) for m, h in differences(quality_metrics(records))
                    if any(_diff_text(diffs.get((g.group_id, m))) for g in groups)]
     summaries = {g.group_id: stats.summarise(g) for g in groups}
-    columns = [c for c in COLUMNS if not (shown_diffs and c[1] == M.eval_metric("support_mc", "acc_gap"))]
-    cols = [c for c in columns if any(_group_cell(g, summaries[g.group_id], c[1], c[2]) for g in groups)]
+    quality = quality_metrics(records)
+    with_base = {m for m in quality if any(_base_of(m) in r.metrics for r in records)}
+    columns = [(*c, False) for c in COLUMNS] + [(_quality_header(m, m in with_base), m, "{:.3f}", m in with_base)
+                                                 for m in quality]
+    cols = [c for c in columns if any(_group_cell(g, summaries[g.group_id], c[1], c[2], c[3]) for g in groups)]
     shown = {c[1] for c in cols}
     cols = [c for c in cols if c[1] not in PAIRED or PAIRED[c[1]] in shown]  # like with like, or not at all
     heads = [c[0] for c in cols] + [h.replace("Δ", f"Δ to {ref},", 1) for _, h in shown_diffs]
     lines = ["| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for g in groups:
-        cells = [_group_cell(g, summaries[g.group_id], c[1], c[2]) for c in cols]
+        cells = [_group_cell(g, summaries[g.group_id], c[1], c[2], c[3]) for c in cols]
         cells += [_diff_text(diffs.get((g.group_id, m))) for m, _ in shown_diffs]
         label = g.method + (f" (n={len(g.records)})" if len(g.records) > 1 else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    verdicts = _verdicts(groups, diffs, ref)
+    verdicts = _verdicts(groups, diffs, ref, shown_diffs)
     if verdicts:
         lines += ["", *verdicts]
-    lines += replication(records, groups, diffs, suite, ref)
+    lines += replication(records, groups, diffs, suite, ref, differences(quality))
     speed = speed_lines(st, ref)
     if speed:
         lines += ["", *speed]
@@ -258,12 +285,12 @@ def _reference(run_dir: Path, suite: str) -> str:
         return stats.REFERENCE
 
 
-def _verdicts(groups: list[stats.Group], diffs: dict, ref: str) -> list[str]:
+def _verdicts(groups: list[stats.Group], diffs: dict, ref: str, shown: list[tuple[str, str]]) -> list[str]:
     """``- qlora-nf4: support_mc acc: no detectable difference within ±0.030; …``, generated from the intervals."""
     out = []
     for g in groups:
         parts = []
-        for metric, _ in DIFFERENCES:
+        for metric, _ in shown:
             d = diffs.get((g.group_id, metric))
             if d and d.get("lo") is not None:
                 label = metric.removeprefix("eval.").replace(".", " ")
@@ -292,7 +319,8 @@ def run_verdicts(group: stats.Group, key: tuple[str, str], alone: dict) -> list[
             for run, per in alone.items()]
 
 
-def replication(records: list[Record], groups: list[stats.Group], pooled: dict, suite: str, ref: str) -> list[str]:
+def replication(records: list[Record], groups: list[stats.Group], pooled: dict, suite: str, ref: str,
+                shown_diffs: list[tuple[str, str]]) -> list[str]:
     """For a table pooling several runs (``--extends``): each run's own seeds judged alone, wherever one of them
     or the pooled seeds detect a difference, so a finding shows whether independent seeds repeat it."""
     alone = stats.run_by_run(records, suite, ref)
@@ -300,7 +328,7 @@ def replication(records: list[Record], groups: list[stats.Group], pooled: dict, 
         return []
     out = []
     for g in groups:
-        for metric, _ in DIFFERENCES:
+        for metric, _ in shown_diffs:
             key = (g.group_id, metric)
             if not any(_detects(d.get(key)) for d in (pooled, *alone.values())):
                 continue
@@ -308,7 +336,7 @@ def replication(records: list[Record], groups: list[stats.Group], pooled: dict, 
             parts = [f"`{run}` alone ({seeds}): {verdict}" for run, seeds, verdict in run_verdicts(g, key, alone)]
             pooled_text = pooled[key]["verdict"] if key in pooled else "not compared"
             out.append(f"- {g.method} against {ref}, {label}: " + "; ".join(parts) + f"; pooled: {pooled_text}.")
-    shown = " or ".join(m.removeprefix("eval.").replace(".", " ") for m, _ in DIFFERENCES)
+    shown = " or ".join(m.removeprefix("eval.").replace(".", " ") for m, _ in shown_diffs)
     head = ("Replication: the pooled runs' seeds judged run by run, for every difference that any run's seeds or "
             "the pooled seeds detect:" if out else
             f"Replication: no run's seeds alone detect a difference on {shown}, nor do the pooled seeds.")

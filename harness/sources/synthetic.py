@@ -153,7 +153,9 @@ def _synthetic(case: Case) -> Source:
 
     spec = case.model
     preset = presets.PRESETS[spec.preset]
-    corpus = ([case.data.train] + list(case.data.tokenizer_corpus)) if case.data else []
+    from harness import data
+
+    corpus = (data.corpus_files(case.data) + list(case.data.tokenizer_corpus)) if case.data else []
     if spec.pretrain:
         corpus.append(spec.pretrain)
     key = _digest(corpus, f"{preset}-{spec.num_layers}-{spec.pretrain_steps}-{case.settings.seed}-v2")

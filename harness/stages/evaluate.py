@@ -14,35 +14,99 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from harness import methods
-from harness.metrics import merged_variant
+from harness.metrics import EVAL_TASKS_TABLE, merged_variant
 from harness.stages import Context, Inputs, StageOutput, free, sync
 
+# lm-eval builders of local data files, by suffix (a registered task pointed at a local copy reads it with these)
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
-def prepare_tasks(task_dir: Path, tasks: list[str], out: Path) -> tuple[list[str], bool]:
-    """Copy shipped task files into ``out`` with absolute ``data_files``; say whether others are needed."""
-    shipped = []
-    for task in tasks:
-        src = Path(task_dir) / f"{task}.yaml"
-        if not src.is_file():
-            continue
-        cfg = yaml.safe_load(src.read_text())
-        files = cfg.get("dataset_kwargs", {}).get("data_files", {})
+
+def _absolute_files(cfg: dict, folder: Path) -> None:
+    """lm-eval resolves data_files from the working directory, not from the task file: make them absolute."""
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+    if isinstance(files, dict):
         for split, rel in files.items():
-            # lm-eval resolves data_files from the working directory, not from the task file: make them absolute
-            files[split] = str((src.parent / rel).resolve())
-        (out / src.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
-        shipped.append(task)
-    return shipped, len(shipped) < len(tasks)
+            files[split] = str((folder / rel).resolve())
+
+
+def _first(n: int, process=None):
+    """A task's ``process_docs`` that keeps the first ``n`` documents (after the task's own processing)."""
+
+    def keep(docs):
+        docs = process(docs) if process is not None else docs
+        return docs.select(range(min(n, len(docs))))
+
+    return keep
+
+
+def heldout_configs(ctx: Context, tokenizer, names: list[str]) -> dict[str, dict]:
+    """lm-eval configs scoring the data's held-out split, written at run time (no YAML from the user):
+    ``heldout_text`` bits per byte of each rendered row; ``heldout_answers`` the log-likelihood of each answer
+    given its prompt (perplexity) and whether greedy decoding gives the whole answer (acc, an exact match)."""
+    from harness import data
+
+    if not any(n in data.HELDOUT_TASKS for n in names):
+        return {}
+    spec = ctx.case.data
+    _, heldout, fmt = data.load(spec)
+    data.apply_template(spec, tokenizer, fmt)
+    rows = data.rendered(heldout, tokenizer)
+    file = ctx.work_dir / "heldout.jsonl"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(file.resolve())}},
+              "test_split": "test", "metadata": {"version": 1.0}}
+    return {
+        "heldout_text": {"task": "heldout_text", **common, "output_type": "loglikelihood_rolling",
+                         "doc_to_text": "", "doc_to_target": "{{text}}",
+                         "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")]},
+        "heldout_answers": {"task": "heldout_answers", **common, "output_type": "loglikelihood",
+                            "doc_to_text": lambda doc: doc["prompt"], "doc_to_target": lambda doc: doc["completion"],
+                            "target_delimiter": "", "metric_list": [{"metric": "perplexity"}, {"metric": "acc"}]},
+    }
+
+
+def task_config(task, dirs: list[Path], generated: dict[str, dict]) -> dict:
+    """The full lm-eval config of one eval task, with the suite's options applied: the data's held-out split
+    (generated), a YAML of the user's folder or the shipped ``tasks/``, else lm-eval's registered task; ``data_files``
+    points it at local files, ``num_fewshot`` and ``limit`` apply to it alone."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from harness.spec import installed_task_path
+
+    if task.name in generated:
+        cfg = dict(generated[task.name])
+    else:
+        own = next((d / f"{task.name}.yaml" for d in dirs if (d / f"{task.name}.yaml").is_file()), None)
+        path = own or installed_task_path(task.name)
+        if path is None:
+            raise ValueError(f"lm-eval task {task.name!r} is a group or tag: name its tasks one by one")
+        cfg = load_yaml(path, resolve_func=True)  # includes and !function resolved, relative to the YAML file
+        _absolute_files(cfg, Path(path).parent)
+        for key in ("tag", "group"):
+            cfg.pop(key, None)
+    if task.data_files:  # a local copy in the task's own row format
+        suffix = Path(next(iter(task.data_files.values()))).suffix.lower()
+        cfg["dataset_path"] = _BUILDERS.get(suffix, "json")
+        cfg["dataset_name"] = None
+        cfg["dataset_kwargs"] = {"data_files": dict(task.data_files)}
+        for split in ("training_split", "validation_split", "test_split", "fewshot_split"):
+            if cfg.get(split) is not None and cfg[split] not in task.data_files:
+                cfg[split] = None  # a split the local copy does not have
+    if task.num_fewshot is not None:
+        cfg["num_fewshot"] = task.num_fewshot
+    if task.limit is not None:
+        cfg["process_docs"] = _first(task.limit, cfg.get("process_docs"))
+    return cfg
 
 
 def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float, list[dict]]:
     """lm-eval ``simple_evaluate`` over an ``HFLM`` wrapping an already built model (adapter applied by us).
 
-    Returns the aggregate scores, the seconds taken, and one row per eval item (harness.stats.item_table)
-    for the paired bootstrap between methods.
+    Every task goes in as its full config (``task_config``), so lm-eval's index of its own tasks is never built
+    (``include_defaults=False``). Returns the aggregate scores, the seconds taken, and one row per eval item
+    (harness.stats.item_table) for the paired bootstrap between methods.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -51,18 +115,27 @@ def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float, list
     from harness.stats import item_table
 
     s = ctx.case.settings
-    tasks = list(ctx.case.eval.tasks)
+    ev = ctx.case.eval
     t = time.perf_counter()
+    dirs = ([Path(ev.task_dir)] if ev.task_dir else []) + [Path(ctx.case.task_dir)]
+    generated = heldout_configs(ctx, tokenizer, ev.names)
+    configs = []
+    for task in ev.tasks:
+        cfg = task_config(task, dirs, generated)
+        if task.num_fewshot is None and cfg.get("num_fewshot") is None:
+            cfg["num_fewshot"] = ev.num_fewshot
+        configs.append(cfg)
     with tempfile.TemporaryDirectory(prefix="harness-tasks-") as tmp:
-        _, need_installed = prepare_tasks(Path(ctx.case.task_dir), tasks, Path(tmp))
-        manager = TaskManager(include_path=tmp, include_defaults=need_installed)
+        manager = TaskManager(include_path=tmp, include_defaults=False)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=s.eval_batch_size, softmax_dtype="float32")
         results = simple_evaluate(
             model=lm,
-            tasks=tasks,
-            num_fewshot=ctx.case.eval.num_fewshot,
+            tasks=configs,
+            num_fewshot=None,  # each config says its own
             limit=s.eval_limit,
             task_manager=manager,
+            apply_chat_template=ev.apply_chat_template,
+            fewshot_as_multiturn=ev.fewshot_as_multiturn,
             log_samples=True,  # per-item results: paired differences between methods need them
             bootstrap_iters=1000,
             random_seed=s.seed,
@@ -79,10 +152,36 @@ def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float, list
     return flat, time.perf_counter() - t, item_table(results.get("samples") or {})
 
 
+def task_table(ev, flat: dict[str, float]) -> list[dict]:
+    """Each eval task's main metric (its bits_per_byte, else acc, else its first score) and which one is the
+    suite's primary quality metric (``eval.primary``; default: the first task's main metric), for the headline
+    and report to pick their quality columns from the suite's own tasks."""
+    rows = []
+    for task in ev.names:
+        names = [k.split(".", 1)[1] for k in flat if k.startswith(f"{task}.") and not k.endswith("_stderr")]
+        main = next((m for m in ("bits_per_byte", "acc") if m in names), names[0] if names else None)
+        if ev.primary is not None and ev.primary.split(".")[1] == task:
+            main = ev.primary.split(".", 2)[2]
+        if main is not None:
+            rows.append({"task": task, "metric": main, "primary": False})
+    if rows:
+        want = ev.primary or metric_name(rows[0])
+        for row in rows:
+            row["primary"] = metric_name(row) == want
+    return rows
+
+
+def metric_name(row: dict) -> str:
+    return f"eval.{row['task']}.{row['metric']}"
+
+
 def _base_key(ctx: Context) -> str:
     s = ctx.case.settings
-    parts = [ctx.source.info.get("fingerprint"), s.method, s.compute_dtype, s.quant_storage,
-             sorted(ctx.case.eval.tasks), ctx.case.eval.num_fewshot, s.eval_limit, s.seed]
+    ev = ctx.case.eval
+    tasks = sorted(t.model_dump_json() for t in ev.tasks)
+    parts = [ctx.source.info.get("fingerprint"), s.method, s.compute_dtype, s.quant_storage, tasks, ev.num_fewshot,
+             s.eval_limit, s.seed, ev.apply_chat_template, ev.fewshot_as_multiturn,
+             ctx.case.data.model_dump_json() if ctx.case.data else None]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
@@ -286,6 +385,7 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
     model.eval()
     flat, seconds, items = score(model, tokenizer, ctx)
     out.tables["eval.items.adapter"] = items
+    out.tables[EVAL_TASKS_TABLE] = task_table(ctx.case.eval, flat)
     out.metrics.update(_prefixed(flat, "adapter"))
     out.metrics["eval.adapter_s"] = seconds
     _deltas(out.metrics, flat, "base", "gain", +1)

@@ -70,6 +70,7 @@ def _callback(ctx: Context, counter: TokenCounter, sampler: memory.Sampler, warm
             self.step_s: list[float] = []
             self.step_tokens: list[tuple[int, ...]] = []  # per timed step: TokenCounter's sums
             self.loss: list[list[float]] = []
+            self.eval_loss: list[list[float]] = []
             self.t0 = 0.0
             self.seen = 0
             self.managed = 0
@@ -137,6 +138,8 @@ def _callback(ctx: Context, counter: TokenCounter, sampler: memory.Sampler, warm
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 self.loss.append([float(state.global_step), float(logs["loss"])])
+            if logs and "eval_loss" in logs:  # eval during training, on the held-out split
+                self.eval_loss.append([float(state.global_step), float(logs["eval_loss"])])
 
         def on_train_end(self, args, state, control, **kw):
             if self.phase_t0 is not None:
@@ -167,10 +170,9 @@ def weight_bytes(model, method) -> dict[str, float]:
 
 def run(ctx: Context, inputs: Inputs) -> StageOutput:
     import torch
-    from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
 
-    from harness import models
+    from harness import data, models
 
     s = ctx.case.settings
     out = StageOutput()
@@ -190,15 +192,29 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
     trainable, total = model.get_nb_trainable_parameters()
     out.metrics["train.trainable_params"] = float(trainable)
 
-    dataset = load_dataset("json", data_files=ctx.case.data.train, split="train")
+    spec = ctx.case.data
+    dataset, heldout, fmt = data.load(spec)
+    data.apply_template(spec, tokenizer, fmt)
     trainer_dir = ctx.work_dir / "trainer"
+    evaluating = s.eval_steps is not None and heldout is not None
+    if s.eval_steps is not None and heldout is None:
+        out.failures.append("settings.eval_steps needs a held-out split: give data.test_size or data.eval_split")
     config = SFTConfig(
         output_dir=str(trainer_dir),
-        max_steps=s.max_steps,
+        max_steps=s.max_steps if s.num_train_epochs is None else -1,
+        num_train_epochs=s.num_train_epochs or 1.0,
         per_device_train_batch_size=s.batch_size,
+        per_device_eval_batch_size=s.eval_batch_size,
         gradient_accumulation_steps=s.grad_accum,
         learning_rate=s.learning_rate,
-        lr_scheduler_type="constant",
+        lr_scheduler_type=s.lr_scheduler_type,
+        warmup_steps=s.lr_warmup_steps or s.lr_warmup_ratio,  # transformers: a float below 1 is a ratio
+        max_grad_norm=s.max_grad_norm,
+        weight_decay=s.weight_decay,
+        train_sampling_strategy="group_by_length" if s.group_by_length else "random",
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=s.eval_steps if evaluating else None,
+        **fmt.trainer_options(spec.loss, data.uses_chat(spec, fmt)),
         optim=s.optimizer,
         gradient_checkpointing=s.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -206,7 +222,6 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
         fp16=s.compute_dtype == "fp16",
         max_length=s.seq_len,
         packing=s.packing,
-        dataset_text_field="text",
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -216,12 +231,20 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
         data_seed=s.seed,
         dataloader_num_workers=0,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         eval_dataset=heldout if evaluating else None)
     # after the trainer's own casting (bf16 adapters for a quantized base), one policy for every method
     precision.apply(trainer.model, s.precision, s.compute_dtype)
     out.metrics.update(weight_bytes(trainer.model, method))
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
+    if evaluating and getattr(model, "harness_repack_guarded", 0):
+        # the trap the user's settings would fall into elsewhere: say so, once, in the record and the log
+        note = (f"eval_steps on an avx512-bf16 CPU: bitsandbytes would repack {model.harness_repack_guarded} 4-bit "
+                "weights in place on the first eval forward (training then runs without autograd, 10x slower, "
+                "loss flat); the harness kept their layout (harness.stages.keep_layout)")
+        out.tables["train.notes"] = [{"note": note}]
+        print(note, flush=True)
     measure = _callback(ctx, counter, sampler, s.warmup_steps)
     trainer.add_callback(measure)
     t = time.perf_counter()
@@ -251,6 +274,10 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
         out.metrics["train.loss_first"] = first
         out.metrics["train.loss_last"] = last
         out.metrics["train.loss_drop"] = first - last
+    if measure.eval_loss:
+        out.series["train.eval_loss"] = measure.eval_loss
+        out.metrics["train.eval_loss_first"] = measure.eval_loss[0][1]
+        out.metrics["train.eval_loss_last"] = measure.eval_loss[-1][1]
     unhealthy = health.check(measure.loss)  # NaN, collapsed to zero, or not falling: the case fails
     out.metrics["train.healthy"] = 0.0 if unhealthy else 1.0
     if unhealthy:

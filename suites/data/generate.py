@@ -184,6 +184,27 @@ def multiple_choice(rng: random.Random, kb: list[tuple[str, str, str]], wordings
     return items
 
 
+def user_qa(kb: list[tuple[str, str, str]]) -> list[dict]:
+    """The "your data" example: a support team's export of question/answer pairs (columns ``query``, ``response``),
+    every fact in its trained wordings; the suite maps the columns onto the qa format."""
+    return [{"query": fill(q, product), "response": value}
+            for product, attr, value in kb for q in ATTRIBUTES[attr].train_questions]
+
+
+def arc_easy_rows(rng: random.Random, kb: list[tuple[str, str, str]], n: int = 24) -> list[dict]:
+    """A handful of rows in lm-eval's ``arc_easy`` format (ai2_arc's columns: id, question, choices {text, label},
+    answerKey), written here rather than downloaded: the registered task pointed at a local copy of its data."""
+    rows = []
+    for i, (product, attr, value) in enumerate(rng.sample(kb, n)):
+        a = ATTRIBUTES[attr]
+        choices = list(a.values)
+        rng.shuffle(choices)
+        labels = ["A", "B", "C", "D"][: len(choices)]
+        rows.append({"id": f"support-{i}", "question": fill(a.heldout_questions[0], product),
+                     "choices": {"text": choices, "label": labels}, "answerKey": labels[choices.index(value)]})
+    return rows
+
+
 def build() -> dict[str, list[dict]]:
     rng = random.Random(SEED)
     kb = facts(rng, PRODUCTS)
@@ -195,8 +216,12 @@ def build() -> dict[str, list[dict]]:
     heldout = notes(kb)
     rng.shuffle(train)
     rng.shuffle(pretrain)
+    user = random.Random(SEED + 1)  # its own generator: the files above stay as they were
+    qa_rows = user_qa(kb)
+    user.shuffle(qa_rows)
     return {"support_pretrain.jsonl": pretrain, "support_train.jsonl": train, "support_mc.jsonl": mc,
-            "support_recall.jsonl": recall, "support_heldout.jsonl": heldout}
+            "support_recall.jsonl": recall, "support_heldout.jsonl": heldout, "support_qa.jsonl": qa_rows,
+            "arc_easy_local.jsonl": arc_easy_rows(user, kb)}
 
 
 def write(folder: Path) -> list[Path]:
