@@ -399,17 +399,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     run = config.stash.get(RUN_KEY, None)
     if run is None or hasattr(config, "workerinput") or not run.claimed or not run.dir.exists():
         return
-    from harness.records import RecordError, read_records
+    from harness.records import read_records, take_problems
 
     tr = terminalreporter
-    try:
-        records = read_records(run.dir)
-    except RecordError as exc:
-        tr.write_line(f"qlora-harness: {one_line(exc, 400)}")
-        return
-    if not records:
+    records = read_records(run.dir, skip_bad=True)  # a file that is not a record is named below, not fatal
+    problems = take_problems()
+    if not records and not problems:
         return
     tr.section("qlora-harness")
+    for line in problems:  # files of this or earlier runs that were left out, one line each
+        tr.write_line(f"warning: {line}")
+    if not records:
+        return
     try:
         from harness.report import summary_table
 
@@ -449,11 +450,16 @@ def pytest_sessionfinish(session, exitstatus):
 
     reports = Path(config.getoption("reports_dir")).resolve()
     baseline = config.getoption("baseline")
+    config._harness_report_errors = []
+    # a report problem is reported, it does not end the session in a traceback; the index is written either way
     try:
         config._harness_report = render_run(run.dir, reports, baseline=baseline)
+    except (RecordError, OSError) as exc:
+        config._harness_report_errors.append(one_line(exc, 400))
+    try:
         render_index(run.results_dir, reports)
-    except (RecordError, OSError) as exc:  # a report problem is reported, it does not end the session in a traceback
-        config._harness_report_errors = [one_line(exc, 400)]
+    except (RecordError, OSError) as exc:
+        config._harness_report_errors.append(one_line(exc, 400))
 
 
 def pytest_unconfigure(config):
