@@ -214,10 +214,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_headline(args: argparse.Namespace) -> int:
     """The headline table, drawn from one run's records."""
-    from harness.records import resolve_run
+    from harness.records import check_run_dir, resolve_run
     from harness.report import headline
-
-    from harness.records import check_run_dir
 
     run_dir = check_run_dir(resolve_run(args.run, args.results))
     if args.update:  # each block from the run's suite for it; a run of the speed suite alone updates only that

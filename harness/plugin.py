@@ -15,7 +15,8 @@ from harness.records import check_name, one_line, slug
 from harness.spec import TIERS, NonInferiorityExpectation, RatioExpectation, SpecError
 
 RUN_KEY = pytest.StashKey["object"]()
-SEEN_KEY = pytest.StashKey[dict]()
+SEEN_KEY = pytest.StashKey[dict]()  # case id -> the suite file that has it
+NAMES_KEY = pytest.StashKey[dict]()  # suite name -> the suite file that defined it first
 SKIP_DIRS = {"tasks", "data"}  # lm-eval task files and data live beside suites; they are not suites
 
 
@@ -102,6 +103,7 @@ def pytest_configure(config):
         run.machine_fits = False
     config.stash[RUN_KEY] = run
     config.stash[SEEN_KEY] = {}
+    config.stash[NAMES_KEY] = {}
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(run), "harness-xdist")
 
@@ -154,6 +156,12 @@ def pytest_collection_modifyitems(session, config, items):
     if run is None or not run.extended:
         return
     import json
+
+    ours = {i.suite.name for i in items if isinstance(i, CaseItem)}
+    theirs = {r.suite for r in run.extended.values()}
+    if ours and not ours & theirs:  # pooling another suite's records would carry it into this run's stats and report
+        raise pytest.UsageError(f"--extends {run.extends}: a run of suite {', '.join(sorted(theirs))[:200]}, not of "
+                                f"{', '.join(sorted(ours))[:200]}: a run extends only a run of the same suites")
 
     def block(item) -> tuple | None:
         s = item.suite
@@ -228,6 +236,11 @@ class SuiteFile(pytest.File):
             where = f"{one_line(exc.where, 120)}: " if exc.where else ""
             raise self.CollectError(f"{one_line(shown, 300)}: {where}{one_line(exc.what, 400)}") from None
         seen = self.config.stash[SEEN_KEY]
+        names = self.config.stash[NAMES_KEY]
+        if names.setdefault(suite.name, shown) != shown:
+            raise self.CollectError(f"{one_line(shown, 300)}: name: suite {suite.name!r} is also the name of "
+                                    f"{one_line(names[suite.name], 300)}: give each suite file its own name "
+                                    "(their records would mix under one name)")
         for case in cases:
             if case.case_id in seen and seen[case.case_id] != shown:
                 raise self.CollectError(f"{shown}: name: duplicate case id {case.case_id} (also in {seen[case.case_id]})")

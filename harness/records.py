@@ -121,13 +121,13 @@ def utcnow() -> str:
 
 
 def one_line(value: Any, limit: int = MAX_SHOWN) -> str:
-    """A value as it may appear in a one-line error: line breaks shown as ``\\n`` / ``\\r``, cut to ``limit``.
+    """A value as it may appear in a one-line error: line breaks and tabs as ``\\n``, ``\\r``, ``\\t``; cut to ``limit``.
 
     Backslashes are kept as they are, so a message that passes through here twice (a SpecError shown by the
     plugin) reads the same, and a ``repr`` inside it shows a tab as ``\\t``, once, as the user wrote it.
     """
     text = value if isinstance(value, str) else str(value)
-    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    text = text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

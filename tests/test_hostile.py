@@ -155,3 +155,117 @@ def test_report_and_stats_refuse_a_folder_that_is_not_a_run(results: Path, tmp_p
     assert err.strip() == f"error: {target}: not a run folder (no run.json; runs are written by 'pytest suites/' " \
                           "under results/)"
     assert not (tmp_path / "reports").exists() and not (target / "stats").exists()
+
+
+# -- suite files ----------------------------------------------------------------------------------------------
+QUANT = """\
+name: q
+tiers: [cpu]
+model: {source: synthetic, preset: tiny-llama, num_layers: 1}
+stages: [quant]
+matrix:
+  method: [qlora-nf4, qlora-fp4]
+  blocksize: [64]
+expectations:
+  - {metric: quant.bits_per_param, max: 4.5}
+timeout_s: 300
+"""
+
+
+def _exp(text: str) -> str:
+    return QUANT.replace("timeout_s", f"  - {text}\ntimeout_s")
+
+
+# name -> (suite text, the line it must get after "<file>: ")
+SUITES = {
+    "duplicate-key": (QUANT + "stages: [quant]\n", "line 11: duplicate key 'stages' (first given on line 4): keep one"),
+    "duplicate-nested-key": (QUANT.replace("num_layers: 1}", "num_layers: 1, preset: tiny-llama}"),
+                             "line 3: duplicate key 'preset' (first given on line 3): keep one"),
+    "duplicate-axis": (QUANT.replace("  blocksize: [64]\n", "  blocksize: [64]\n  method: [lora-bf16]\n"),
+                       "line 8: duplicate key 'method' (first given on line 6): keep one"),
+    "where-unknown-method": (_exp("{metric: quant.rmse, max: 1, where: {method: qlora-nf5}}"),
+                             "expectations[1].where.method: unknown method 'qlora-nf5' (expected one of"),
+    "where-method-not-in-matrix": (_exp("{metric: quant.rmse, max: 1, where: {method: [lora-int8]}}"),
+                                   "expectations[1].where: {'method': ['lora-int8']} selects no case of the matrix: "
+                                   "the bound would never be checked"),
+    "where-bad-value": (_exp("{metric: quant.rmse, max: 1, where: {blocksize: big}}"),
+                        "expectations[1].where.blocksize: Input should be a valid integer"),
+    "where-value-not-in-matrix": (_exp("{metric: quant.rmse, max: 1, where: {blocksize: 128}}"),
+                                  "expectations[1].where: {'blocksize': 128} selects no case of the matrix"),
+    "where-combination-not-in-matrix": (_exp("{metric: quant.rmse, max: 1, where: {method: qlora-nf4, seed: 3}}"),
+                                        "expectations[1].where: {'method': 'qlora-nf4', 'seed': 3} selects no case"),
+    "where-unknown-setting": (_exp("{metric: quant.rmse, max: 1, where: {colour: red}}"),
+                              "expectations[1]: selects on unknown setting 'colour'"),
+    "tab-in-a-value": (QUANT.replace("[qlora-nf4, qlora-fp4]", '[qlora-nf4, "qlora\\tfp4"]'),
+                       "matrix.method[1]: unknown method 'qlora\\tfp4' (expected one of"),
+    "tab-in-a-key": (QUANT + '"col\\tour": 1\n', "col\\tour: unknown key"),
+    "not-utf8": (b"name: q\xff\n", "not UTF-8 text (byte 7)"),
+    "nested-deep": ("name: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply to be a suite"),
+}
+
+
+@pytest.mark.parametrize("name", list(SUITES))
+def test_hostile_suite_file_is_one_line(tmp_path: Path, name: str):
+    """What a user wrote comes back once, as written: a tab shows as ``\\t`` (one backslash), never ``\\\\t``."""
+    from harness.matrix import expand
+    from harness.spec import SpecError, load_suite
+
+    text, expected = SUITES[name]
+    path = tmp_path / "x.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(SpecError) as info:
+        expand(load_suite(path), path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: {expected}"), msg
+    assert "\n" not in msg and "\\\\" not in msg
+
+
+def test_where_on_an_auto_setting_selects_what_it_may_resolve_to(tmp_path: Path):
+    """``compute_dtype: auto`` resolves in the worker: a bound on ``compute_dtype: fp32`` is kept (merge suite)."""
+    from harness.matrix import expand
+    from harness.spec import load_suite
+
+    path = tmp_path / "x.yaml"
+    path.write_text(_exp("{metric: quant.rmse, max: 1, where: {compute_dtype: fp32}}")
+                    .replace("timeout_s", "settings: {compute_dtype: auto}\ntimeout_s"))
+    assert len(expand(load_suite(path), path)) == 2
+
+
+def test_shipped_suites_select_cases_with_every_bound():
+    from harness.__main__ import suite_files
+    from harness.matrix import expand
+    from harness.spec import load_suite
+
+    root = Path(__file__).resolve().parents[1] / "suites"
+    for path in suite_files(root):
+        expand(load_suite(path), path)
+
+
+pytest_plugins = ["pytester"]
+
+
+def test_two_suite_files_of_one_name_are_refused_at_collection(project):
+    (project.path / "suites" / "a.yaml").write_text(QUANT)
+    (project.path / "suites" / "b.yaml").write_text(QUANT.replace("[qlora-nf4, qlora-fp4]", "[lora-int8]"))
+    result = project.runpytest_subprocess("suites/", "--collect-only", "-q")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*suites/b.yaml: name: suite 'q' is also the name of suites/a.yaml: give each "
+                                 "suite file its own name*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_extends_refuses_a_run_of_another_suite(project):
+    """``--extends`` with a run of suite ``other``: refused in one line before anything runs."""
+    results = project.path / "results"
+    make_run(results, "20261120T120000Z-other")
+    for p in (results / "20261120T120000Z-other").glob("*.json"):  # make_run's records are of a GPU machine
+        data = json.loads(p.read_text())
+        if p.name != "run.json":
+            data["env"] = {}
+            p.write_text(json.dumps(data))
+    (project.path / "suites" / "q.yaml").write_text(QUANT)
+    result = project.runpytest_subprocess("suites/", "--extends", "20261120T120000Z-other", "--collect-only", "-q")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert ("--extends 20261120T120000Z-other: a run of suite quant-fidelity, smoke, not of q: a run extends only a "
+            "run of the same suites") in result.stderr.str()
+    assert "Traceback" not in result.stderr.str()

@@ -13,7 +13,7 @@ import jinja2
 
 from harness import metrics as M
 from harness.compare import load_baseline
-from harness.records import SAFE_NAME, RecordError, list_runs, one_line, read_stats_checks, warn
+from harness.records import SAFE_NAME, RecordError, list_runs, read_stats_checks, warn
 from harness.report import charts as ch
 from harness.report import tables
 from harness.report.data import (
