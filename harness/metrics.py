@@ -53,6 +53,8 @@ REGISTRY: tuple[MetricInfo, ...] = (
     MetricInfo("*perplexity*", "", "lower", 0.05, "perplexity"),
     MetricInfo("*bits_per_byte", "bits", "lower", 0.05, "bits per byte"),
     MetricInfo("*.loss_first", "", "none", 1.0, "first loss"),
+    MetricInfo("*.uniform_loss", "nats", "none", 1.0, "loss of a uniform predictor, ln(vocab)"),
+    MetricInfo("*.adapter_norm_*", "", "none", 1.0, "Frobenius norm of the adapter's weights"),
     MetricInfo("*.loss_drop", "", "higher", 0.25, "loss drop"),
     MetricInfo("*loss*", "", "lower", 0.10, "loss"),
     MetricInfo("*_pct", "%", "lower", 0.25, "percent"),
@@ -179,7 +181,8 @@ EMITTED: dict[str, tuple[str, ...]] = {
         # memory per device and in GB (claims), throughput statistics, the noise guard, estimate ratios
         "train.*_gib", "train.*_gb", "train.gpu*", "train.*tokens_per_s*", "train.step_*", "train.stalled_steps",
         "train.timing_clean", "train.noise.*", "train.instrumentation_*",
-        "train.*_ratio", "train.mfu*", "train.*_tflops", "train.healthy",
+        "train.*_ratio", "train.mfu*", "train.*_tflops", "train.healthy", "train.uniform_loss",
+        "train.adapter_norm_start", "train.adapter_norm_end",
     ),
     "estimate": ("estimate.*_gib", "estimate.bits_per_param", "estimate.trainable_params",
                  "estimate.tokens_per_batch", "estimate.profiled_step_tokens"),

@@ -66,8 +66,43 @@ def check_results_dir(path: Path) -> None:
         raise ValueError(f"--results-dir {path}: cannot write to {existing or path}")
 
 
+BENCHMARK_STORAGE = "file://./.benchmarks"  # pytest-benchmark's default: a folder in the user's working directory
+
+
+def runs_suites(config) -> bool:
+    """Does this session collect suite files (an argument that is, or lies in, a ``suites`` folder)?"""
+    for arg in config.args:
+        path = Path(config.invocation_params.dir, str(arg).split("::", 1)[0]).resolve()
+        if path.name == "suites" or "suites" in (p.name for p in path.parents) or is_suite_file(path):
+            return True
+    return False
+
+
+def keep_caches_in_harness_cache(config) -> None:
+    """A ``pytest suites/`` session writes pytest's cache and pytest-benchmark's storage into the harness cache
+    (harness.cache), not as ``.pytest_cache/`` and ``.benchmarks/`` in the user's folder, unless the user chose
+    where they go. Runs before the cache and benchmark plugins read their settings."""
+    if hasattr(config, "workerinput") or not runs_suites(config):
+        return
+    import hashlib
+
+    from harness.cache import cache_dir
+
+    key = hashlib.sha256(str(config.rootpath).encode()).hexdigest()[:12]  # one pytest cache per project folder
+    if getattr(config.option, "benchmark_storage", None) == BENCHMARK_STORAGE:
+        config.option.benchmark_storage = f"file://{cache_dir() / 'benchmarks' / key}"
+    try:
+        if config.pluginmanager.has_plugin("cacheprovider") and config.getini("cache_dir") == ".pytest_cache":
+            config._inicache["cache_dir"] = str(cache_dir() / "pytest" / key)  # getini's memo: read from here on
+    except (AttributeError, TypeError, ValueError):  # another pytest: its cache stays where it puts it
+        pass
+
+
+@pytest.hookimpl(tryfirst=True)  # before the cache provider and pytest-benchmark read their folders
 def pytest_configure(config):
     from harness.runner import Run, resolve_tier
+
+    keep_caches_in_harness_cache(config)
 
     if hasattr(config, "workerinput"):  # before anything touches CUDA: the case workers inherit the pin
         pin_worker_gpu(config.workerinput["workerid"], _nvml_gpu_count(), os.environ)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -549,8 +548,9 @@ def _check_semantics(path: Path, suite: Suite) -> None:
 
 
 def _tasks_cache() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-harness"
-    return Path(os.environ.get("QLORA_HARNESS_CACHE", default))
+    from harness.cache import cache_dir
+
+    return cache_dir()
 
 
 _installed: frozenset[str] | None = None

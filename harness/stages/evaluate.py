@@ -53,7 +53,8 @@ def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float, list
     s = ctx.case.settings
     tasks = list(ctx.case.eval.tasks)
     t = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="harness-tasks-") as tmp:
+    # in the case's work folder: a worker killed during eval leaves it inside the run, not in /tmp
+    with tempfile.TemporaryDirectory(prefix="harness-tasks-", dir=ctx.work_dir) as tmp:
         _, need_installed = prepare_tasks(Path(ctx.case.task_dir), tasks, Path(tmp))
         manager = TaskManager(include_path=tmp, include_defaults=need_installed)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=s.eval_batch_size, softmax_dtype="float32")
