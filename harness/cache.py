@@ -17,7 +17,9 @@ from pathlib import Path
 ENV = "QLORA_HARNESS_CACHE"
 
 
-def cache_dir() -> Path:
-    """The cache folder (see the module's docstring); made by whoever writes into it."""
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora-harness"
-    return Path(os.environ.get(ENV) or default)
+def cache_dir(environ=None) -> Path:
+    """The cache folder (see the module's docstring) under ``environ`` (default: this process's); made by whoever
+    writes into it."""
+    env = os.environ if environ is None else environ
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    return Path(env.get(ENV) or Path(env.get("XDG_CACHE_HOME") or home / ".cache") / "qlora-harness")

@@ -218,6 +218,7 @@ class Run:
     budget_gib: float | None = None
     tier_why: str = ""
     machine_fits: bool = True
+    on_cpu: bool = False  # no GPU: the workers compute on the CPU
     joined: bool = False  # an xdist worker: the controller made the folder, this process adds to it
     baseline: dict[str, Record] | None = None
     extends: str = ""  # the earlier run (a sibling folder) whose records this run pools, measuring only what it lacks

@@ -246,7 +246,7 @@ def worker_env(case: Case, environ: dict[str, str] | None = None) -> dict[str, s
     defaults = {"HF_HUB_DISABLE_TELEMETRY": "1"} if sources.needs_network(case.model) else OFFLINE_DEFAULTS
     # the datasets library caches every JSONL it loads (under ~/.cache/huggingface/datasets, growing each run):
     # in the harness's cache instead, unless the user chose a place
-    defaults = {**defaults, "HF_DATASETS_CACHE": str(cache_dir() / "datasets")}
+    defaults = {**defaults, "HF_DATASETS_CACHE": str(cache_dir(env) / "datasets")}
     for key, value in defaults.items():
         env.setdefault(key, value)
     env[PARENT_ENV] = str(os.getpid())

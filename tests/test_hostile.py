@@ -269,3 +269,138 @@ def test_extends_refuses_a_run_of_another_suite(project):
     assert ("--extends 20261120T120000Z-other: a run of suite quant-fidelity, smoke, not of q: a run extends only a "
             "run of the same suites") in result.stderr.str()
     assert "Traceback" not in result.stderr.str()
+
+
+# -- nothing written outside results/, reports/ and the harness cache ------------------------------------------
+def test_the_datasets_cache_goes_into_the_harness_cache(tmp_path: Path):
+    """The worker's environment points the datasets library's cache into the harness cache, and the library (run
+    apart, as a worker runs it) writes there and nothing under the user's home."""
+    import os
+    import subprocess
+    import sys
+
+    from harness.worker import worker_env
+
+    cache, home = tmp_path / "cache", tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}
+    env |= {"HOME": str(home), "QLORA_HARNESS_CACHE": str(cache)}
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "a"}\n{"text": "b"}\n')
+
+    class _Case:  # worker_env reads only the model's source
+        model = type("M", (), {"source": "synthetic"})
+
+    run_env = worker_env(_Case, env)
+    assert run_env["HF_DATASETS_CACHE"] == str(cache / "datasets")
+    assert worker_env(_Case, env | {"HF_DATASETS_CACHE": "/mine"})["HF_DATASETS_CACHE"] == "/mine"  # the user's
+    code = ("import sys; from datasets import load_dataset; "
+            "print(len(load_dataset('json', data_files=sys.argv[1], split='train')))")
+    out = subprocess.run([sys.executable, "-c", code, str(data)], env=run_env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.stdout.strip() == "2", out.stderr[-2000:]
+    assert any((cache / "datasets").rglob("*.arrow"))
+    assert not (home / ".cache" / "huggingface" / "datasets").exists()
+
+
+def test_reading_the_harness_commit_does_not_rewrite_the_index(tmp_path: Path):
+    """``git status`` refreshes a stale index under ``.git/index.lock`` (clashing with the user's own git); the
+    harness reads the commit and the dirty flag without touching the index."""
+    import os
+    import subprocess
+    import time
+
+    from harness.measure.machine import git_info
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("x\n")
+    git("add", "f.txt")
+    git("commit", "-qm", "c")
+    later = time.time() + 5
+    os.utime(tmp_path / "f.txt", (later, later))  # same content, new stat: the index entry is stale
+    index = tmp_path / ".git" / "index"
+    before = index.stat()
+    info = git_info(tmp_path)
+    after = index.stat()
+    assert info["commit"] and info["dirty"] is False
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "the index was rewritten"
+    subprocess.run(["git", "status", "--porcelain"], cwd=tmp_path, check=True, capture_output=True)
+    assert index.stat().st_mtime_ns != before.st_mtime_ns  # plain git status does rewrite it: the check can fail
+
+
+def test_a_suites_session_keeps_pytest_caches_out_of_the_users_folder(project, tmp_path_factory):
+    """``pytest suites/`` in a folder without pytest settings: no ``.pytest_cache/`` or ``.benchmarks/`` beside the
+    user's files; both in the harness cache. The user's own choice still wins."""
+    import os
+
+    cache = Path(os.environ["QLORA_HARNESS_CACHE"])
+    (project.path / "suites" / "q.yaml").write_text(QUANT.replace("tiers: [cpu]", "tiers: [gpu-24gb]"))
+    result = project.runpytest_subprocess("suites/", "--tier", "cpu", "--no-report", "-p", "cacheprovider")
+    assert result.ret == 0, result.stdout.str()[-2000:]  # every case skipped: not for this tier
+    assert not (project.path / ".pytest_cache").exists() and not (project.path / ".benchmarks").exists()
+    assert any((cache / "pytest").rglob("nodeids")) and (cache / "benchmarks").is_dir()
+    mine = project.path / "mine"
+    project.runpytest_subprocess("suites/", "--tier", "cpu", "--no-report", "-p", "cacheprovider",
+                                 "-o", f"cache_dir={mine}", "--benchmark-storage", f"file://{mine}-bench")
+    assert (mine / "v" / "cache" / "nodeids").is_file() and Path(f"{mine}-bench").is_dir()
+
+
+# -- reasons that name the cause --------------------------------------------------------------------------------
+def test_failure_reasons_name_the_cause():
+    import signal
+
+    from harness.worker import classify_exit, is_oom, reason
+
+    try:
+        try:
+            raise MemoryError("tried to allocate 2 GiB")
+        except MemoryError as inner:
+            raise RuntimeError("An error occurred while generating the dataset") from inner
+    except RuntimeError as wrapped:
+        assert reason(wrapped, " (in stage train)") == ("RuntimeError (in stage train): An error occurred while "
+                                                        "generating the dataset (caused by MemoryError: tried to "
+                                                        "allocate 2 GiB)")
+    # a MemoryError of a datasets/dataloader worker process comes back only as text in another exception
+    assert is_oom(RuntimeError("DataLoader worker (pid 7) raised MemoryError"))
+    assert classify_exit(-signal.SIGTERM, "", False, 0) == ("killed", "worker killed with SIGTERM from outside")
+    status, message = classify_exit(-signal.SIGSEGV, "step 3\nFatal Python error: Segmentation fault\n", False, 0)
+    assert status == "error" and message == ("worker crashed with signal SIGSEGV (its log ends: Fatal Python error: "
+                                             "Segmentation fault)")
+    status, message = classify_exit(1, "Traceback ...\nModuleNotFoundError: No module named 'peft'\n", False, 0)
+    assert (status, message) == ("error", "worker exited with code 1 and no record (its log ends: "
+                                          "ModuleNotFoundError: No module named 'peft')")
+
+
+TRAIN_FP16 = """\
+name: t16
+tiers: [cpu]
+model: {source: synthetic, preset: tiny-llama, num_layers: 1}
+data: {train: DATA}
+stages: [train]
+settings: {max_steps: 4, warmup_steps: 1}
+matrix:
+  method: [lora-bf16]
+  compute_dtype: [bf16, fp16]
+timeout_s: 300
+"""
+
+
+def test_fp16_training_on_the_cpu_is_refused_at_collection(project):
+    """Measured here (bitsandbytes 0.50, torch 2.13 on the CPU): fp16 compute trained lora-bf16 into 'expected m1
+    and m2 to have the same dtype, but got: float != c10::Half' and qlora-nf4 into loss 0.0 with a NaN adapter.
+    The machine is the test's: without a GPU the suite is refused in one line before anything runs."""
+    from harness.measure.machine import memory_budget_gib
+
+    if memory_budget_gib() is not None:
+        pytest.skip("this machine has a GPU: fp16 trains there")
+    data = Path(__file__).resolve().parents[1] / "suites" / "data" / "support_train.jsonl"
+    (project.path / "suites" / "t16.yaml").write_text(TRAIN_FP16.replace("DATA", str(data)))
+    result = project.runpytest_subprocess("suites/", "--collect-only", "-q")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*suites/t16.yaml: matrix.compute_dtype[[]1[]]: fp16 cannot train on the CPU (a "
+                                 "16-bit base fails in its first matmul, a 4-bit base's loss collapses to 0): use "
+                                 "bf16, fp32 or auto here, fp16 on a GPU*"])
+    assert "Traceback" not in result.stdout.str()
