@@ -404,3 +404,22 @@ def test_fp16_training_on_the_cpu_is_refused_at_collection(project):
                                  "16-bit base fails in its first matmul, a 4-bit base's loss collapses to 0): use "
                                  "bf16, fp32 or auto here, fp16 on a GPU*"])
     assert "Traceback" not in result.stdout.str()
+
+
+def test_a_session_beside_every_hostile_run_ends_with_its_summary_and_index(project):
+    """Every corrupt run folder of the corpus beside a good one: a ``pytest suites/`` session still passes, prints
+    its summary with one warning line per bad folder, and writes its page and the index."""
+    results = project.path / "results"
+    make_run(results, GOOD)
+    for i, (name, (edit, _, _)) in enumerate(RUNS.items()):
+        edit(make_run(results, f"20261121T{i:06d}Z-{name}"))
+    (project.path / "suites" / "q.yaml").write_text(QUANT.replace("[qlora-nf4, qlora-fp4]", "[qlora-nf4]"))
+    result = project.runpytest_subprocess("suites/", "--run-id", "after")
+    result.assert_outcomes(passed=1)
+    out = result.stdout.str()
+    assert "Traceback" not in out and "qlora-harness" in out and "report:" in out
+    for name, (_, fragment, _) in RUNS.items():
+        assert any(name in line and fragment.split(": ", 1)[-1][:40] in line
+                   for line in out.splitlines() if line.startswith("warning: ")), name
+    index = (project.path / "reports" / "index.html").read_text()
+    assert GOOD in index and "after" in index and (project.path / "reports" / "after.html").is_file()
