@@ -206,7 +206,10 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
             print(f"[{case.case_id}] {stage} done in {record.timings_s[stage]:.1f} s", flush=True)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a record
         (work_dir / "traceback.txt").write_text(traceback.format_exc())
-        at_failure = memory.memory_now()
+        try:
+            at_failure = memory.memory_now()
+        except MemoryError:  # under a memory cap the failed allocation can leave no room to read /proc
+            at_failure = {}
         record.status = "oom" if is_oom(exc, capped=bool(case.settings.memory_limit_gib)) else "error"
         where = f" (in stage {stage})" if "stage" in locals() else ""
         record.message = one_line(reason(exc, where), 500)
