@@ -288,7 +288,7 @@ def test_the_datasets_cache_goes_into_the_harness_cache(tmp_path: Path):
     data.write_text('{"text": "a"}\n{"text": "b"}\n')
 
     class _Case:  # worker_env reads only the model's source
-        model = type("M", (), {"source": "synthetic"})
+        model = type("M", (), {"source": "synthetic", "tokenizer": None})
 
     run_env = worker_env(_Case, env)
     assert run_env["HF_DATASETS_CACHE"] == str(cache / "datasets")
