@@ -97,8 +97,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(render_many(dirs, out))
         return 0
     run_dir = resolve_run(args.runs[0] if args.runs else "latest", args.results)
-    print(render_run(run_dir, args.reports, baseline=baseline))
-    if not args.runs:
+    if args.runs:
+        print(render_run(run_dir, args.reports, baseline=baseline))
+        return 0
+    try:  # the latest run's page, then the index, which is written even when that run cannot be read
+        print(render_run(run_dir, args.reports, baseline=baseline))
+    finally:
         print(render_index(args.results, args.reports))
     return 0
 
@@ -227,10 +231,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_headline(args: argparse.Namespace) -> int:
     """The headline table, drawn from one run's records."""
-    from harness.records import resolve_run
+    from harness.records import check_run_dir, resolve_run
     from harness.report import headline
 
-    run_dir = resolve_run(args.run, args.results)
+    run_dir = check_run_dir(resolve_run(args.run, args.results))
     if args.update:  # each block from the run's suite for it; a run of the speed suite alone updates only that
         text = args.update.read_text()
         blocks = [(headline.START, args.suite, headline.update), (headline.MERGE_START, args.merge_suite,

@@ -6,18 +6,21 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness import launchers, sources
 from harness.spec import (
     ID_PREFIX,
     DataSpec,
     EvalSpec,
+    MetricExpectation,
     ModelSpec,
+    NonInferiorityExpectation,
     RatioExpectation,
     Settings,
     SpecError,
     Suite,
+    _message,
     resolved_data,
     short,
     validate_settings,
@@ -118,7 +121,34 @@ def expand(suite: Suite, path: Path | str) -> list[Case]:
             )
         )
     _check_ratios(suite, cases, path)
+    _check_selections(suite, cases, path)
     return cases
+
+
+def _check_selections(suite: Suite, cases: list[Case], path: Path) -> None:
+    """Each ``where:`` of a bound or a non-inferiority check must name valid values and select cases of this
+    matrix: a bound that selects nothing would never be checked, and pass as if it held."""
+    for i, exp in enumerate(suite.expectations):
+        if not isinstance(exp, MetricExpectation | NonInferiorityExpectation) or not exp.where:
+            continue
+        for key, want in exp.where.items():
+            for value in want if isinstance(want, list) else [want]:
+                try:
+                    Settings.model_validate({key: value})
+                except ValidationError as exc:
+                    errs = [e for e in exc.errors() if e["loc"][:1] == (key,)]
+                    if errs:
+                        raise SpecError(path, f"expectations[{i}].where.{key}", _message(errs[0])) from None
+        chosen = [c for c in cases if matches(c, exp.where, collecting=True)]
+        if isinstance(exp, NonInferiorityExpectation):
+            against = exp.against or suite.reference
+            lacking = [m for m in (exp.method, against) if not any(c.method == m for c in chosen)]
+            if lacking:
+                raise SpecError(path, f"expectations[{i}].where", f"{short(exp.where)} selects no {lacking[0]} case "
+                                                                  "of the matrix: the check would never run")
+        elif not chosen:
+            raise SpecError(path, f"expectations[{i}].where", f"{short(exp.where)} selects no case of the matrix: "
+                                                              "the bound would never be checked")
 
 
 def _check_ratios(suite: Suite, cases: list[Case], path: Path) -> None:
@@ -141,12 +171,16 @@ def _check_ratios(suite: Suite, cases: list[Case], path: Path) -> None:
                                                         "other axes: the ratio would never be checked")
 
 
-def matches(case: Case, selector: dict[str, Any], params: dict[str, Any] | None = None) -> bool:
+def matches(case: Case, selector: dict[str, Any], params: dict[str, Any] | None = None, *,
+            collecting: bool = False) -> bool:
     """True when the case's settings (or ``params``: a record's, where an ``auto`` setting holds what it resolved
-    to) equal the selector (a list value means any of them)."""
+    to) equal the selector (a list value means any of them). ``collecting``: before the worker resolved them, an
+    ``auto`` setting may become any value."""
     params = case.params if params is None else {**case.params, **params}
     for key, want in selector.items():
         have = params.get(key)
+        if collecting and have == "auto":
+            continue
         if isinstance(want, list) and not isinstance(have, list):
             if have not in want:
                 return False

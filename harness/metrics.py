@@ -58,6 +58,8 @@ REGISTRY: tuple[MetricInfo, ...] = (
     MetricInfo("*.loss_first", "", "none", 1.0, "first loss"),
     MetricInfo("*.eval_loss_first", "nats", "none", 1.0, "held-out loss at the first eval in training"),
     MetricInfo("*.eval_loss_last", "nats", "lower", 0.10, "held-out loss at the last eval in training"),
+    MetricInfo("*.uniform_loss", "nats", "none", 1.0, "loss of a uniform predictor, ln(vocab)"),
+    MetricInfo("*.adapter_norm_*", "", "none", 1.0, "Frobenius norm of the adapter's weights"),
     MetricInfo("*.loss_drop", "", "higher", 0.25, "loss drop"),
     MetricInfo("*loss*", "", "lower", 0.10, "loss"),
     MetricInfo("*_pct", "%", "lower", 0.25, "percent"),
@@ -191,7 +193,8 @@ EMITTED: dict[str, tuple[str, ...]] = {
         # memory per device and in GB (claims), throughput statistics, the noise guard, estimate ratios
         "train.*_gib", "train.*_gb", "train.gpu*", "train.*tokens_per_s*", "train.step_*", "train.stalled_steps",
         "train.timing_clean", "train.noise.*", "train.instrumentation_*",
-        "train.*_ratio", "train.mfu*", "train.*_tflops", "train.healthy",
+        "train.*_ratio", "train.mfu*", "train.*_tflops", "train.healthy", "train.uniform_loss",
+        "train.adapter_norm_start", "train.adapter_norm_end",
         # cases over ranks (harness/stages/train_distributed.py): per rank, max and sum over ranks, the wrapping
         "train.world_size", "train.fsdp_modules", "train.dtensor_param_share", "train.rank*", "train.ranks_*",
         "train.eval_loss_first", "train.eval_loss_last",  # eval on the held-out split during training

@@ -15,7 +15,8 @@ from harness.records import check_name, one_line, slug
 from harness.spec import TIERS, NonInferiorityExpectation, RatioExpectation, SpecError
 
 RUN_KEY = pytest.StashKey["object"]()
-SEEN_KEY = pytest.StashKey[dict]()
+SEEN_KEY = pytest.StashKey[dict]()  # case id -> the suite file that has it
+NAMES_KEY = pytest.StashKey[dict]()  # suite name -> the suite file that defined it first
 SKIP_DIRS = {"tasks", "data"}  # lm-eval task files and data live beside suites; they are not suites
 
 
@@ -74,8 +75,43 @@ def check_results_dir(path: Path) -> None:
         raise ValueError(f"--results-dir {path}: cannot write to {existing or path}")
 
 
+BENCHMARK_STORAGE = "file://./.benchmarks"  # pytest-benchmark's default: a folder in the user's working directory
+
+
+def runs_suites(config) -> bool:
+    """Does this session collect suite files (an argument that is, or lies in, a ``suites`` folder)?"""
+    for arg in config.args:
+        path = Path(config.invocation_params.dir, str(arg).split("::", 1)[0]).resolve()
+        if path.name == "suites" or "suites" in (p.name for p in path.parents) or is_suite_file(path):
+            return True
+    return False
+
+
+def keep_caches_in_harness_cache(config) -> None:
+    """A ``pytest suites/`` session writes pytest's cache and pytest-benchmark's storage into the harness cache
+    (harness.cache), not as ``.pytest_cache/`` and ``.benchmarks/`` in the user's folder, unless the user chose
+    where they go. Runs before the cache and benchmark plugins read their settings."""
+    if hasattr(config, "workerinput") or not runs_suites(config):
+        return
+    import hashlib
+
+    from harness.cache import cache_dir
+
+    key = hashlib.sha256(str(config.rootpath).encode()).hexdigest()[:12]  # one pytest cache per project folder
+    if getattr(config.option, "benchmark_storage", None) == BENCHMARK_STORAGE:
+        config.option.benchmark_storage = f"file://{cache_dir() / 'benchmarks' / key}"
+    try:
+        if config.pluginmanager.has_plugin("cacheprovider") and config.getini("cache_dir") == ".pytest_cache":
+            config._inicache["cache_dir"] = str(cache_dir() / "pytest" / key)  # getini's memo: read from here on
+    except (AttributeError, TypeError, ValueError):  # another pytest: its cache stays where it puts it
+        pass
+
+
+@pytest.hookimpl(tryfirst=True)  # before the cache provider and pytest-benchmark read their folders
 def pytest_configure(config):
     from harness.runner import Run, resolve_tier
+
+    keep_caches_in_harness_cache(config)
 
     if hasattr(config, "workerinput"):  # before anything touches CUDA: the case workers inherit the pin
         pin_worker_gpu(config.workerinput["workerid"], _nvml_gpu_count(), os.environ)
@@ -109,8 +145,10 @@ def pytest_configure(config):
     gpu_mem = memory_budget_gib()
     if TIERS[tier] is not None and (gpu_mem is None or gpu_mem < TIERS[tier] * 0.9):
         run.machine_fits = False
+    run.on_cpu = gpu_mem is None  # the workers compute on the CPU
     config.stash[RUN_KEY] = run
     config.stash[SEEN_KEY] = {}
+    config.stash[NAMES_KEY] = {}
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(run), "harness-xdist")
 
@@ -162,6 +200,12 @@ def pytest_collection_modifyitems(session, config, items):
     run = config.stash.get(RUN_KEY, None)
     if run is None or not run.extended:
         return
+
+    ours = {i.suite.name for i in items if isinstance(i, CaseItem)}
+    theirs = {r.suite for r in run.extended.values()}
+    if ours and not ours & theirs:  # pooling another suite's records would carry it into this run's stats and report
+        raise pytest.UsageError(f"--extends {run.extends}: a run of suite {', '.join(sorted(theirs))[:200]}, not of "
+                                f"{', '.join(sorted(ours))[:200]}: a run extends only a run of the same suites")
 
     def block(item) -> tuple | None:
         s = item.suite
@@ -247,7 +291,16 @@ class SuiteFile(pytest.File):
         except SpecError as exc:
             where = f"{one_line(exc.where, 120)}: " if exc.where else ""
             raise self.CollectError(f"{one_line(shown, 300)}: {where}{one_line(exc.what, 400)}") from None
+        run = self.config.stash.get(RUN_KEY, None)
+        if run is not None and run.on_cpu and run.tier in suite.tiers:
+            if why := cannot_run_on_cpu(suite, cases):
+                raise self.CollectError(f"{one_line(shown, 300)}: {why}")
         seen = self.config.stash[SEEN_KEY]
+        names = self.config.stash[NAMES_KEY]
+        if names.setdefault(suite.name, shown) != shown:
+            raise self.CollectError(f"{one_line(shown, 300)}: name: suite {suite.name!r} is also the name of "
+                                    f"{one_line(names[suite.name], 300)}: give each suite file its own name "
+                                    "(their records would mix under one name)")
         for case in cases:
             if case.case_id in seen and seen[case.case_id] != shown:
                 raise self.CollectError(f"{shown}: name: duplicate case id {case.case_id} (also in {seen[case.case_id]})")
@@ -267,6 +320,22 @@ class SuiteFile(pytest.File):
                                                      exp=exp, cases=cases, suite=suite)
         if suite.replicates > 1 and self.config.getoption("baseline"):
             yield BaselineGroupItem.from_parent(self, name=f"{suite.name}[baseline]", cases=cases, suite=suite)
+
+
+def cannot_run_on_cpu(suite, cases) -> str | None:
+    """Why a suite's cases cannot run on this CPU, or None. fp16 training: on the CPU torch's trainer does not cast
+    the activations (a 16-bit base failed in its first matmul, 'expected m1 and m2 to have the same dtype, but got:
+    float != c10::Half') and a 4-bit base's loss collapsed to 0 with a NaN adapter at the second step."""
+    if "train" not in suite.stages:
+        return None
+    for case in cases:
+        if case.settings.compute_dtype == "fp16":
+            axis = case.axes.get("compute_dtype")
+            where = (f"matrix.compute_dtype[{suite.matrix['compute_dtype'].index(axis)}]" if axis is not None
+                     else "settings.compute_dtype")
+            return (f"{where}: fp16 cannot train on the CPU (a 16-bit base fails in its first matmul, a 4-bit base's "
+                    "loss collapses to 0): use bf16, fp32 or auto here, fp16 on a GPU")
+    return None
 
 
 class HarnessItem(pytest.Item):
@@ -419,17 +488,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     run = config.stash.get(RUN_KEY, None)
     if run is None or hasattr(config, "workerinput") or not run.claimed or not run.dir.exists():
         return
-    from harness.records import RecordError, read_records
+    from harness.records import read_records, take_problems
 
     tr = terminalreporter
-    try:
-        records = read_records(run.dir)
-    except RecordError as exc:
-        tr.write_line(f"qlora-harness: {one_line(exc, 400)}")
-        return
-    if not records:
+    records = read_records(run.dir, skip_bad=True)  # a file that is not a record is named below, not fatal
+    problems = take_problems()
+    if not records and not problems:
         return
     tr.section("qlora-harness")
+    for line in problems:  # files of this or earlier runs that were left out, one line each
+        tr.write_line(f"warning: {line}")
+    if not records:
+        return
     try:
         from harness.report import summary_table
 
@@ -468,18 +538,23 @@ def pytest_sessionfinish(session, exitstatus):
 
     reports = Path(config.getoption("reports_dir")).resolve()
     baseline = config.getoption("baseline")
+    config._harness_report_errors = []
+    # a report problem is reported, it does not end the session in a traceback; the index is written either way
     try:
         from harness.report import render_index, render_run
-
-        config._harness_report = render_run(run.dir, reports, baseline=baseline)
-        render_index(run.results_dir, reports)
     except ImportError as exc:  # plotly or Jinja2 missing (a GPU image): the records stand, render them elsewhere
-        config._harness_report_errors = [one_line(
+        config._harness_report_errors.append(one_line(
             f"{exc} (install the report's packages, or pass --no-report and run "
-            f"`python -m harness report {run.dir}` where they are)", 400)]
-    except (RecordError, OSError) as exc:  # a report problem is reported, it does not end the session in a traceback
-        config._harness_report_errors = [one_line(exc, 400)]
-
+            f"`python -m harness report {run.dir}` where they are)", 400))
+        return
+    try:
+        config._harness_report = render_run(run.dir, reports, baseline=baseline)
+    except (RecordError, OSError) as exc:
+        config._harness_report_errors.append(one_line(exc, 400))
+    try:
+        render_index(run.results_dir, reports)
+    except (RecordError, OSError) as exc:
+        config._harness_report_errors.append(one_line(exc, 400))
 
 def pytest_unconfigure(config):
     """A run folder reserved for xdist workers that ran no case is removed again (only when still empty)."""

@@ -17,12 +17,13 @@ import math
 import os
 import re
 import socket
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from harness import SCHEMA_VERSION
 
@@ -77,15 +78,56 @@ class Record(BaseModel):
     started_at: str = ""
     finished_at: str = ""
 
+    @field_validator("series")
+    @classmethod
+    def _pairs(cls, v: dict[str, list[list[float]]]) -> dict[str, list[list[float]]]:
+        for name, points in v.items():  # every reader takes a point as [step, value]
+            for i, point in enumerate(points):
+                if len(point) != 2:
+                    raise ValueError(f"{name}[{i}]: expected a [step, value] pair, got {len(point)} numbers")
+        return v
+
+
+class RunMeta(BaseModel):
+    """``run.json``: what a run was. The harness writes ``run_id`` and ``started_at`` first; other keys pass."""
+
+    model_config = ConfigDict(extra="allow")
+    run_id: str = Field(pattern=SAFE_NAME)
+    started_at: str = ""
+    extends: str | None = Field(None, pattern=SAFE_NAME)
+    env: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExpectationCheck(BaseModel):
+    """One outcome of a non-inferiority check as ``stats/expectations/*.json`` keeps it (other keys pass)."""
+
+    model_config = ConfigDict(extra="allow")
+    outcome: Literal["pass", "fail", "inconclusive"]
+    message: str
+    margin: float
+
+
+class ExpectationFile(BaseModel):
+    """``stats/expectations/<suite>.<label>.json``: a non-inferiority expectation's outcomes."""
+
+    model_config = ConfigDict(extra="forbid")
+    suite: str
+    name: str
+    results: list[ExpectationCheck]
+
 
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def one_line(value: Any, limit: int = MAX_SHOWN) -> str:
-    """A value as it may appear in a one-line error: newlines escaped, cut to ``limit`` characters."""
+    """A value as it may appear in a one-line error: line breaks and tabs as ``\\n``, ``\\r``, ``\\t``; cut to ``limit``.
+
+    Backslashes are kept as they are, so a message that passes through here twice (a SpecError shown by the
+    plugin) reads the same, and a ``repr`` inside it shows a tab as ``\\t``, once, as the user wrote it.
+    """
     text = value if isinstance(value, str) else str(value)
-    text = text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+    text = text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -188,6 +230,68 @@ def create_run_dir(results_dir: Path, run_id: str, *, retry: bool = True) -> Pat
 
 
 # -- reading ---------------------------------------------------------------------------------------------
+# Everything in a run folder is read as untrusted input: a truncated, hand-edited or hostile file gives a
+# RecordError (one line naming the file and what is wrong), never a traceback, and its run is left out or marked.
+M = TypeVar("M", bound=BaseModel)
+_problems: list[str] = []  # the lines of files left out since the last take_problems()
+
+
+def warn(line: str) -> None:
+    """Report a file that was left out: one line on stderr, kept for the pytest summary (``take_problems``)."""
+    line = one_line(line, 400)
+    print(f"warning: {line}", file=sys.stderr)
+    _problems.append(line)
+
+
+def take_problems() -> list[str]:
+    """The lines :func:`warn` reported since the last call (each once)."""
+    out = list(dict.fromkeys(_problems))
+    _problems.clear()
+    return out
+
+
+def read_json(path: Path, expect: type | tuple[type, ...] | None = None) -> Any:
+    """A JSON file's content; RecordError naming the file when it cannot be read, is not JSON, is nested too
+    deeply for Python's parser, or is not of the ``expect``-ed type (``dict``: an object, ``list``: an array)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise RecordError(f"{path}: cannot be read ({one_line(exc.strerror or exc)})") from None
+    except RecursionError:
+        raise RecordError(f"{path}: nested too deeply to be read as JSON") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise RecordError(f"{path}: not valid JSON ({one_line(exc, 120)})") from None
+    if expect is not None and not isinstance(data, expect):
+        kinds = expect if isinstance(expect, tuple) else (expect,)
+        wanted = " or ".join({dict: "object", list: "array"}.get(t, t.__name__) for t in kinds)
+        raise RecordError(f"{path}: expected a JSON {wanted}, found {_json_kind(data)}")
+    return data
+
+
+def _json_kind(data: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(data), "a number")
+
+
+def validate_file(path: Path, model: type[M], data: Any) -> M:
+    """``data`` (read from ``path``) as ``model``; RecordError naming the file and the first wrong field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        what = one_line(err["msg"].removeprefix("Value error, "), 160)
+        raise RecordError(f"{path}: {where + ': ' if where else ''}{what}") from None
+    except RecursionError:
+        raise RecordError(f"{path}: nested too deeply to be a {model.__name__}") from None
+
+
+def read_model(path: Path, model: type[M]) -> M:
+    """A JSON object file validated as ``model`` (see :func:`read_json` and :func:`validate_file`)."""
+    return validate_file(path, model, read_json(path, dict))
+
+
 def record_paths(run_dir: Path) -> list[Path]:
     """The record files of a run folder: ``*.json`` at its top level only (never ``work/`` or ``suites/``)."""
     run_dir = Path(run_dir)
@@ -197,24 +301,24 @@ def record_paths(run_dir: Path) -> list[Path]:
 def read_record(path: Path) -> Record:
     """One record; a file that is not one raises RecordError naming it in one line."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RecordError(f"{path}: not a readable record ({one_line(exc)})") from None
+    data = read_json(path)
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
         raise RecordError(f"{path}: not a record of schema_version {SCHEMA_VERSION} (found {one_line(repr(version), 40)})")
-    try:
-        return Record.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise RecordError(f"{path}: {where}: {one_line(err['msg'])}") from None
+    return validate_file(path, Record, data)
 
 
-def read_records(run_dir: Path, suite: str | None = None) -> list[Record]:
-    """Every record of a run folder (optionally of one suite), in file-name order."""
-    records = [read_record(p) for p in record_paths(run_dir)]
+def read_records(run_dir: Path, suite: str | None = None, *, skip_bad: bool = False) -> list[Record]:
+    """Every record of a run folder (optionally of one suite), in file-name order. A file that is not a record
+    raises RecordError, or with ``skip_bad`` is named by :func:`warn` and left out."""
+    records = []
+    for p in record_paths(run_dir):
+        try:
+            records.append(read_record(p))
+        except RecordError as exc:
+            if not skip_bad:
+                raise
+            warn(f"{exc} (left out)")
     return [r for r in records if suite is None or r.suite == suite]
 
 
@@ -255,22 +359,61 @@ def read_run_records(run_dir: Path, suite: str | None = None) -> list[Record]:
 
 
 def read_run_meta(run_dir: Path) -> dict[str, Any]:
-    """``run.json`` of a run folder ({} when absent); its run id must be a safe name."""
+    """``run.json`` of a run folder ({} when absent), checked against :class:`RunMeta` (a safe run id, …)."""
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         return {}
+    data = read_json(path, dict)
+    if "run_id" in data and not (isinstance(data["run_id"], str) and re.fullmatch(SAFE_NAME, data["run_id"])):
+        raise RecordError(f"{path}: {check_name_message(data['run_id'], 'run_id')}")
+    validate_file(path, RunMeta, data)
+    return data
+
+
+def check_name_message(value: Any, what: str) -> str:
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RecordError(f"{path}: not valid JSON ({one_line(exc)})") from None
-    if not isinstance(meta, dict):
-        raise RecordError(f"{path}: expected a JSON object")
-    if "run_id" in meta:
+        check_name(value, what)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+def check_run_dir(run_dir: Path) -> Path:
+    """``run_dir`` if it is a run folder the harness wrote (a valid ``run.json``), else RecordError in one line."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RecordError(f"{one_line(run_dir)}: not a folder")
+    if not (run_dir / RUN_FILE).is_file():
+        raise RecordError(f"{one_line(run_dir)}: not a run folder (no {RUN_FILE}; runs are written by "
+                          "'pytest suites/' under results/)")
+    read_run_meta(run_dir)
+    return run_dir
+
+
+def read_stats_checks(run_dir: Path) -> tuple[list[ExpectationFile], list[str]]:
+    """The run's ``stats/expectations/*.json`` files, and one line for each that cannot be read (left out)."""
+    files, bad = [], []
+    for p in sorted((Path(run_dir) / "stats" / "expectations").glob("*.json")):
         try:
-            check_name(meta["run_id"], "run_id")
-        except ValueError as exc:
-            raise RecordError(f"{path}: {exc}") from None
-    return meta
+            files.append(read_model(p, ExpectationFile))
+        except RecordError as exc:
+            bad.append(str(exc))
+    return files, bad
+
+
+def read_references(run_dir: Path) -> tuple[dict[str, str], list[str]]:
+    """The reference methods the session's processes noted (``stats/references.*.json``), and a line per bad file."""
+    refs: dict[str, str] = {}
+    bad = []
+    for p in sorted((Path(run_dir) / "stats").glob("references.*.json")):
+        try:
+            data = read_json(p, dict)
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+                raise RecordError(f"{p}: expected suite names mapped to method names")
+            refs.update(data)
+        except RecordError as exc:
+            bad.append(str(exc))
+    return refs, bad
 
 
 def list_runs(results_dir: Path) -> list[Path]:

@@ -174,7 +174,7 @@ class CrossCase:
         """The records written so far in this run (all workers'), by case id, over those of the run it extends."""
         out = {k: r for k, r in self.extended.items() if suite is None or r.suite == suite}
         if self.run_dir.exists():
-            out.update({r.case_id: r for r in read_records(self.run_dir, suite)})
+            out.update({r.case_id: r for r in read_records(self.run_dir, suite, skip_bad=True)})
         return out
 
     def gap_to_reference(self, case: Case, record: Record) -> None:
@@ -218,6 +218,7 @@ class Run:
     budget_gib: float | None = None
     tier_why: str = ""
     machine_fits: bool = True
+    on_cpu: bool = False  # no GPU: the workers compute on the CPU
     joined: bool = False  # an xdist worker: the controller made the folder, this process adds to it
     baseline: dict[str, Record] | None = None
     extends: str = ""  # the earlier run (a sibling folder) whose records this run pools, measuring only what it lacks

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -601,13 +600,45 @@ def validate_settings(path: Path | str, values: dict[str, Any], where: str) -> S
         raise SpecError(path, ".".join(p for p in (where, loc) if p), msg) from None
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently).
+    Merge keys (``<<: *defaults``) may still be overridden: that is what they are for."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if first is not None:
+                    raise _DuplicateKey(None, None, f"duplicate key {short(key)} (first given on line "
+                                                    f"{first.line + 1}): keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> Any:
     try:
         text = Path(path).read_text()
     except OSError as exc:
         raise SpecError(path, "", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(path, "", f"not UTF-8 text (byte {exc.start})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as exc:
+        raise SpecError(path, f"line {exc.problem_mark.line + 1}", exc.problem) from None
+    except RecursionError:
+        raise SpecError(path, "", "nested too deeply to be a suite") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -770,8 +801,9 @@ def _check_tasks(path: Path, suite: Suite, fmt) -> None:
 
 
 def _tasks_cache() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-harness"
-    return Path(os.environ.get("QLORA_HARNESS_CACHE", default))
+    from harness.cache import cache_dir
+
+    return cache_dir()
 
 
 _installed: frozenset[str] | None = None

@@ -807,16 +807,21 @@ def _clean(d: dict[str, Any]) -> dict[str, Any]:
 def write_run_stats(run_dir, records: Iterable[Any] | None = None, references: Mapping[str, str] | None = None) -> list:
     """``stats/<suite>.json`` of a run folder from its records (the end of a session, or ``python -m harness
     stats RUN`` after the statistics improved): references noted by the session's processes are honoured."""
-    import json
-    from pathlib import Path
 
-    from harness.records import read_run_records, slug, write_json_atomic
+    from harness.records import (
+        check_run_dir,
+        read_references,
+        read_run_records,
+        slug,
+        warn,
+        write_json_atomic,
+    )
 
-    folder = Path(run_dir) / "stats"
+    folder = check_run_dir(run_dir) / "stats"
     records = list(records) if records is not None else list(read_run_records(run_dir))
-    refs: dict[str, str] = {}
-    for p in sorted(folder.glob("references.*.json")):
-        refs.update(json.loads(p.read_text()))
+    refs, bad = read_references(run_dir)
+    for line in bad:
+        warn(f"{line} (its reference methods not used)")
     refs.update(references or {})
     written = []
     for suite, data in run_stats(records, refs).get("suites", {}).items():

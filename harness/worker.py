@@ -56,9 +56,27 @@ def is_oom(exc: BaseException, capped: bool = False) -> bool:
         if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
             return True
         text = str(e).lower()
-        if any(m in text for m in OOM_MESSAGES) or (capped and any(m in text for m in CAP_MESSAGES)):
+        # a MemoryError raised where the exception could not travel (a datasets or dataloader worker process)
+        # comes back as another exception whose message names it
+        if "memoryerror" in text or any(m in text for m in OOM_MESSAGES) or (
+                capped and any(m in text for m in CAP_MESSAGES)):
             return True
     return False
+
+
+def reason(exc: BaseException, where: str = "") -> str:
+    """``Type<where>: first line``, and the exception at the root of its chain when another one wraps it: a
+    library's wrapper (``DatasetGenerationError: An error occurred while generating the dataset``) hides the cause."""
+    def text(e: BaseException, at: str = "") -> str:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}{at}: {first}"
+
+    root = exc
+    seen = {id(exc)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        root = nxt
+    return text(exc, where) if root is exc else f"{text(exc, where)} (caused by {text(root)})"
 
 
 def _cgroup_files() -> list[Path]:
@@ -105,11 +123,29 @@ def classify_exit(code: int, tail: str, capped: bool, oom_kills: int | None) -> 
             return "oom", f"worker killed by the kernel's OOM killer (cgroup oom_kill +{oom_kills})"
         unknown = " (the cgroup's OOM counter cannot be read)" if oom_kills is None else ""
         return "killed", f"worker killed with SIGKILL from outside; no OOM kill was counted{unknown}"
+    last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
+    said = f" (its log ends: {one_line(last, 200)})" if last else ""
     if code < 0:
-        message = f"worker died with signal {signal.Signals(-code).name}"
+        name = _signal_name(-code)
+        if -code not in CRASH_SIGNALS and not memory_words:  # SIGTERM, SIGINT, SIGHUP…: sent by someone else
+            return "killed", f"worker killed with {name} from outside{said}"
+        message = f"worker crashed with signal {name}"
     else:
         message = f"worker exited with code {code} and no record"
-    return ("oom" if memory_words else "error"), message + (" after a failed allocation" if memory_words else "")
+    if memory_words:
+        return "oom", message + f" after a failed allocation{said}"
+    return "error", message + said
+
+
+# signals a process gets from its own fault, not from another process
+CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT, signal.SIGTRAP}
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _limit_memory(gib: float) -> None:
@@ -177,11 +213,13 @@ def execute(case: Case, run_id: str, run_dir: Path, work_dir: Path) -> Record:
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a record
         rank = f".rank{os.environ['RANK']}" if case.settings.launcher != "process" and "RANK" in os.environ else ""
         (work_dir / f"traceback{rank}.txt").write_text(traceback.format_exc())
-        at_failure = memory.memory_now()
+        try:
+            at_failure = memory.memory_now()
+        except MemoryError:  # under a memory cap the failed allocation can leave no room to read /proc
+            at_failure = {}
         record.status = "oom" if is_oom(exc, capped=bool(case.settings.memory_limit_gib)) else "error"
         where = f" (in stage {stage})" if "stage" in locals() else ""
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        record.message = one_line(f"{type(exc).__name__}{where}: {first}", 500)
+        record.message = one_line(reason(exc, where), 500)
         record.metrics.update({f"failure.{k}": v for k, v in at_failure.items()})
         if isinstance(exc, KeyboardInterrupt):
             raise
@@ -211,9 +249,14 @@ _live: dict[int, subprocess.Popen] = {}  # worker process groups to end if this 
 
 
 def worker_env(case: Case, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The worker's environment: the user's, plus the offline defaults the user did not set."""
+    """The worker's environment: the user's, plus the offline and cache defaults the user did not set."""
+    from harness.cache import cache_dir
+
     env = dict(os.environ if environ is None else environ)
     defaults = {"HF_HUB_DISABLE_TELEMETRY": "1"} if sources.needs_network(case.model) else OFFLINE_DEFAULTS
+    # the datasets library caches every JSONL it loads (under ~/.cache/huggingface/datasets, growing each run):
+    # in the harness's cache instead, unless the user chose a place
+    defaults = {**defaults, "HF_DATASETS_CACHE": str(cache_dir(env) / "datasets")}
     for key, value in defaults.items():
         env.setdefault(key, value)
     env[PARENT_ENV] = str(os.getpid())

@@ -101,16 +101,19 @@ def _burn(seconds: float) -> None:
         pass
 
 
-def _counted_and_kernel(watcher) -> tuple[float, float]:
-    """After a second of a started sampler or guard: its own count of its thread's CPU, and the kernel's."""
+def _counted_and_kernel(watcher, burnt_s: float = 0.3, deadline_s: float = 120.0) -> tuple[float, float]:
+    """Once a started sampler or guard has burnt ``burnt_s`` of CPU (by the kernel's count): its own count of its
+    thread's CPU, and the kernel's. Waiting for CPU time, not wall time: on a busy machine (two busy loops on two
+    cores) the thread gets a fraction of a core, and a fixed second of wall time gave it less than 0.3 s."""
     try:
-        time.sleep(1.0)
-        kernel = _thread_cpu_s(watcher._thread.native_id)
+        end = time.monotonic() + deadline_s
+        while (kernel := _thread_cpu_s(watcher._thread.native_id)) < burnt_s and time.monotonic() < end:
+            time.sleep(0.1)
         counted = watcher.cpu_s
     finally:
         watcher._stop.set()
         watcher._thread.join()
-    assert kernel > 0.3  # it did burn
+    assert kernel >= burnt_s, f"the thread burnt only {kernel:.2f} s of CPU in {deadline_s:.0f} s"
     return counted, kernel
 
 

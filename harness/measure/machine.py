@@ -30,9 +30,12 @@ def versions() -> dict[str, str | None]:
 def git_info(cwd: Path | None = None) -> dict[str, Any]:
     """Commit of the working tree and whether it had uncommitted changes (None outside a checkout)."""
     def git(*args: str) -> str | None:
+        # --no-optional-locks: 'git status' would otherwise refresh the index under .git/index.lock, which can
+        # clash with the user's own git in that checkout; reading never needs it
+        env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
         try:
-            return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
+            return subprocess.run(["git", "--no-optional-locks", *args], cwd=cwd, capture_output=True, text=True,
+                                  timeout=10, check=True, env=env).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
 

@@ -12,6 +12,7 @@ from harness.records import (
     Record,
     RecordError,
     check_name,
+    check_run_dir,
     read_run_meta,
     read_run_records,
     write_text_atomic,
@@ -59,11 +60,12 @@ class Run:
 
 
 def load_run(path: Path) -> Run:
-    """Read ``run.json`` (optional) and every record; errors name the file in one line."""
+    """Read ``run.json`` and every record; a folder that is not a run, or a file of it that cannot be read, is a
+    RecordError naming the file in one line."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a run folder")
-    meta = read_run_meta(path)
+    meta = read_run_meta(check_run_dir(path))
     records = sorted(read_run_records(path), key=lambda r: (r.started_at or "~", r.case_id))  # with extended runs
     return Run(path, meta, records)
 

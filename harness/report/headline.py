@@ -276,13 +276,19 @@ def runs_text(records: list[Record]) -> str:
 
 def _reference(run_dir: Path, suite: str) -> str:
     """The suite's reference method as the run stored it (``stats/<suite>.json``), else lora-bf16."""
-    import json
+    from harness.records import RecordError, read_json
 
     p = Path(run_dir) / "stats" / f"{suite}.json"
-    try:
-        return json.loads(p.read_text()).get("reference") or stats.REFERENCE
-    except (OSError, ValueError):
+    if not p.is_file():
         return stats.REFERENCE
+    try:
+        ref = read_json(p, dict).get("reference")
+    except RecordError as exc:  # derived data: named, and the default used
+        from harness.records import warn
+
+        warn(f"{exc} (its reference method not read: {stats.REFERENCE} assumed)")
+        return stats.REFERENCE
+    return ref if isinstance(ref, str) and ref else stats.REFERENCE
 
 
 def _verdicts(groups: list[stats.Group], diffs: dict, ref: str, shown: list[tuple[str, str]]) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import jinja2
 
 from harness import metrics as M
 from harness.compare import load_baseline
-from harness.records import SAFE_NAME, RecordError, list_runs, one_line
+from harness.records import SAFE_NAME, RecordError, list_runs, read_stats_checks, warn
 from harness.report import charts as ch
 from harness.report import distributed, tables
 from harness.report.data import (
@@ -181,8 +180,6 @@ def render_run(run_dir: Path, reports_dir: Path, *, baseline: Path | str | None 
 
 def _stats_view(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
     """Differences to the reference with intervals and generated verdicts, speed/memory ratios, expectations."""
-    import json
-
     from harness import stats
     from harness.report.headline import _reference, run_verdicts
 
@@ -208,14 +205,10 @@ def _stats_view(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
     ratios = [{"method": r["method"], "metric": r["metric"],
                "text": f"{r['estimate']:.3f}×" + (f" [{r['lo']:.3f}, {r['hi']:.3f}]" if r.get("lo") is not None else ""),
                "basis": stats.ratio_basis(r)} for r in st.get("ratios", [])]
-    checks = []
-    for p in sorted((Path(run_dir) / "stats" / "expectations").glob("*.json")):
-        try:
-            data = json.loads(p.read_text())
-        except ValueError:
-            continue
-        if data.get("suite") == suite:
-            checks += [{"name": data.get("name", p.stem), **r} for r in data.get("results", [])]
+    files, bad = read_stats_checks(run_dir)  # a file that cannot be read is named on stderr and left out
+    for line in bad:
+        warn(f"{line} (left out of the report)")
+    checks = [{"name": f.name, **r.model_dump()} for f in files if f.suite == suite for r in f.results]
     replicated = any(len(g.records) > 1 for g in by_group.values())
     return {"reference": ref, "differences": diffs, "ratios": ratios if replicated else [], "checks": checks,
             "family_size": st.get("family_size", 1), "runs": list(alone)}
@@ -240,7 +233,11 @@ def render_index(results_dir: Path, reports_dir: Path) -> Path:
             if _stale(page, run_dir):
                 render_run(run_dir, reports_dir)
         except RecordError as exc:  # one unreadable run must not hide every other run
-            print(f"warning: {one_line(exc, 400)} (run left out of the index)", file=sys.stderr)
+            warn(f"{exc} (run left out of the index)")
+            continue
+        except Exception as exc:  # noqa: BLE001 - a bug rendering an older run must not cost this one its index
+            warn(f"{run_dir}: page not rendered ({type(exc).__name__}: {exc}; a bug of the harness, please report "
+                 "it) (run left out of the index)")
             continue
         runs.append({**_run_summary(run), "href": page.name})
     runs.sort(key=lambda r: (r["started_at"], r["run_id"]), reverse=True)

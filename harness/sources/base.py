@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from harness import cache as harness_cache  # imported before a worker's memory cap
 
 if TYPE_CHECKING:  # the registry is read by the suite schema, which never imports torch
     from harness.matrix import Case
@@ -31,9 +32,8 @@ class Source:
 
 
 def cache_dir() -> Path:
-    """Where built, fetched and converted checkpoints are kept between runs (``QLORA_HARNESS_CACHE``)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-harness"
-    return Path(os.environ.get("QLORA_HARNESS_CACHE", default))
+    """Where built, fetched and converted checkpoints are kept between runs (harness.cache: ``QLORA_HARNESS_CACHE``)."""
+    return harness_cache.cache_dir()
 
 
 def fingerprint(folder: Path, tokenizer: Path | None = None) -> str:

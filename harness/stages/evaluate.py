@@ -125,7 +125,8 @@ def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float, list
         if task.num_fewshot is None and cfg.get("num_fewshot") is None:
             cfg["num_fewshot"] = ev.num_fewshot
         configs.append(cfg)
-    with tempfile.TemporaryDirectory(prefix="harness-tasks-") as tmp:
+    # in the case's work folder: a worker killed during eval leaves it inside the run, not in /tmp
+    with tempfile.TemporaryDirectory(prefix="harness-tasks-", dir=ctx.work_dir) as tmp:
         manager = TaskManager(include_path=tmp, include_defaults=False)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=s.eval_batch_size, softmax_dtype="float32")
         results = simple_evaluate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -92,6 +93,11 @@ def _callback(ctx: Context, counter: TokenCounter, sampler: memory.Sampler, warm
             self.counter_s0 = 0.0
             self.sampler_cpu_s0 = 0.0
             self.threads_cpu_s = 0.0
+            self.adapter_norms: list[float] = []  # the adapter's Frobenius norm at the start and end of training
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            if model is not None:
+                self.adapter_norms = [adapter_norm(model)]
 
         def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
             entered = time.perf_counter()
@@ -141,7 +147,9 @@ def _callback(ctx: Context, counter: TokenCounter, sampler: memory.Sampler, warm
             if logs and "eval_loss" in logs:  # eval during training, on the held-out split
                 self.eval_loss.append([float(state.global_step), float(logs["eval_loss"])])
 
-        def on_train_end(self, args, state, control, **kw):
+        def on_train_end(self, args, state, control, model=None, **kw):
+            if model is not None and self.adapter_norms:
+                self.adapter_norms.append(adapter_norm(model))
             if self.phase_t0 is not None:
                 self.phase_wall_s = time.perf_counter() - self.phase_t0
                 self.inline_s += counter.own_s - self.counter_s0
@@ -278,7 +286,13 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
         out.series["train.eval_loss"] = measure.eval_loss
         out.metrics["train.eval_loss_first"] = measure.eval_loss[0][1]
         out.metrics["train.eval_loss_last"] = measure.eval_loss[-1][1]
-    unhealthy = health.check(measure.loss)  # NaN, collapsed to zero, or not falling: the case fails
+    norms = tuple(measure.adapter_norms) if len(measure.adapter_norms) == 2 else None
+    if norms is not None:
+        out.metrics["train.adapter_norm_start"], out.metrics["train.adapter_norm_end"] = norms
+    if measure.vocab_size:
+        out.metrics["train.uniform_loss"] = math.log(measure.vocab_size)
+    # NaN, collapsed to zero, risen to the uniform level, not falling, or an exploded adapter: the case fails
+    unhealthy = health.check(measure.loss, vocab_size=measure.vocab_size, adapter_norms=norms)
     out.metrics["train.healthy"] = 0.0 if unhealthy else 1.0
     if unhealthy:
         out.failures.append(f"training unhealthy: {unhealthy}")
@@ -419,6 +433,15 @@ def _estimate_as_held(ctx: Context, measure, metrics: dict[str, float]) -> dict[
         measure.peak_by_op = [{"op": k, "mib": v / 2**20} for k, v in list(tp.by_op.items())[:15]]
         out["train.estimate_over_tensor_peak_ratio"] = at_step.total_gib / (tp.peak_bytes / memory.GIB)
     return out
+
+
+def adapter_norm(model) -> float:
+    """The Frobenius norm of every LoRA weight of the model, together (fp32 sums)."""
+    import torch
+
+    with torch.no_grad():
+        total = sum(float(p.detach().float().pow(2).sum()) for n, p in model.named_parameters() if "lora_" in n)
+    return math.sqrt(total)
 
 
 def _mean_head(loss: list[list[float]], n: int = 3) -> float:
