@@ -4,7 +4,8 @@ Estimates come from earlier records of the same case id under the results folder
 levels down, so a fresh clone's committed ``results/reference/<machine>/<run>/`` counts), else from the median
 of the session's other cases of the same suite that have one; a case with neither is counted as unknown. The
 time left is scaled by how the finished cases' durations compared with their estimates (a slower machine than
-the earlier one's) and divided among the xdist workers.
+the earlier one's; a median, so that a first case that also built its base does not count for all) and divided
+among the xdist workers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from harness.records import RUN_FILE, case_filename
 
 NEWEST = 3  # earlier records read per case (the newest run folders that hold it)
+PACE_AFTER = 3  # finished cases before the time left follows how this machine compares with the earlier records
 
 
 def run_folders(results_dir: Path) -> list[Path]:
@@ -82,11 +84,12 @@ class Progress:
         return cls(cases, est, max(1, workers))
 
     def _pace(self) -> float:
-        """Finished cases' seconds over their estimates (1 before any finished), kept within 0.25 to 4."""
-        pairs = [(s, self.estimates[self.cases[n]]) for n, s in self.took.items() if self.cases[n] in self.estimates]
-        if not pairs:
+        """The median of the finished cases' seconds over their estimates, from PACE_AFTER finished cases on (1
+        before: a session's first case also builds its base), kept within 0.5 to 3."""
+        ratios = [s / self.estimates[self.cases[n]] for n, s in self.took.items() if self.cases[n] in self.estimates]
+        if len(ratios) < PACE_AFTER:
             return 1.0
-        return min(4.0, max(0.25, sum(s for s, _ in pairs) / sum(e for _, e in pairs)))
+        return min(3.0, max(0.5, statistics.median(ratios)))
 
     def left_s(self) -> tuple[float, int]:
         """(seconds left over every unfinished case, cases without an estimate)."""
