@@ -6,6 +6,7 @@ A thin adapter: the work is done by harness.spec, harness.matrix, harness.runner
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def pytest_addoption(parser):
                     help="pool this run with an earlier run (its id under --results-dir) of the same suites on the "
                          "same kind of machine: only the cases it lacks run (more seeds, or cases it lost to an "
                          "error or interruption), and the stats, report and headline cover both")
+    group.addoption("--seeds", default="auto", metavar="N|all",
+                    help="seeds of each replicated suite to run: all, or the first N (default auto: 1 on the cpu tier, "
+                         "so that a first run ends in about 20 minutes; all on a GPU tier); add the others later "
+                         "with --extends RUN --seeds all")
     group.addoption("--reports-dir", default="reports", help="where HTML reports are written")
     group.addoption("--no-report", action="store_true", help="do not render HTML at the end of the session")
     group.addoption("--require-idle-gpu", action="store_true",
@@ -109,7 +114,7 @@ def keep_caches_in_harness_cache(config) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before the cache provider and pytest-benchmark read their folders
 def pytest_configure(config):
-    from harness.runner import Run, resolve_tier
+    from harness.runner import Run, resolve_seeds, resolve_tier
 
     keep_caches_in_harness_cache(config)
 
@@ -129,6 +134,7 @@ def pytest_configure(config):
     results = Path(config.getoption("results_dir")).resolve()
     try:
         tier, budget, why = resolve_tier(config.getoption("tier"))
+        seeds = resolve_seeds(config.getoption("seeds"), tier)
         if run_id:
             check_name(run_id, "--run-id")
         check_results_dir(results)
@@ -146,11 +152,14 @@ def pytest_configure(config):
     if TIERS[tier] is not None and (gpu_mem is None or gpu_mem < TIERS[tier] * 0.9):
         run.machine_fits = False
     run.on_cpu = gpu_mem is None  # the workers compute on the CPU
+    run.seeds = seeds
     config.stash[RUN_KEY] = run
     config.stash[SEEN_KEY] = {}
     config.stash[NAMES_KEY] = {}
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(run), "harness-xdist")
+    if not worker:
+        config.pluginmanager.register(_ProgressHooks(config), "harness-progress")
 
 
 def _load_baseline(ref: str | None, results: Path):
@@ -193,12 +202,27 @@ def _load_extended(ref: str | None, results: Path) -> tuple[str, dict]:
     return folder.name, records
 
 
+def _first_seeds(items, n: int | None) -> None:
+    """``--seeds N``: deselect the cases of a replicated suite past its first N seeds (in place)."""
+    if n is None:
+        return
+    later = [i for i in items if isinstance(i, CaseItem) and "seed" in i.case.axes
+             and i.case.axes["seed"] - int(i.suite.settings.get("seed") or 0) >= n]
+    if later:
+        gone = set(later)
+        items[:] = [i for i in items if i not in gone]
+        later[0].config.hook.pytest_deselected(items=later)
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """With ``--extends``: deselect the cases the earlier run measured, after checking they are the same cases.
-    In a suite run in blocks, a case measured again takes its seed's whole block with it, so that the block's
-    cases still run side by side."""
+    """``--seeds``: only the first seeds of replicated suites. With ``--extends``: deselect the cases the earlier
+    run measured, after checking they are the same cases. In a suite run in blocks, a case measured again takes
+    its seed's whole block with it, so that the block's cases still run side by side."""
     run = config.stash.get(RUN_KEY, None)
-    if run is None or not run.extended:
+    if run is None:
+        return
+    _first_seeds(items, run.seeds)
+    if not run.extended:
         return
 
     ours = {i.suite.name for i in items if isinstance(i, CaseItem)}
@@ -253,6 +277,84 @@ class _XdistHooks:
         except (FileExistsError, OSError) as exc:
             raise pytest.UsageError(one_line(exc, 400)) from None
         node.workerinput["harness_run_id"] = self.run.run_id
+
+
+_CROSS_CASE = re.compile(r"\[(ratio|noninferior):.*\]$|\[baseline\]$")
+
+
+def case_of(nodeid: str) -> str | None:
+    """The case id of a suite case's node id (``suites/smoke.yaml::smoke[qlora-nf4-seed0]``); None for any other
+    item (a cross-case check, a plain test function): what the controller of an xdist session can tell."""
+    path, _, name = nodeid.partition("::")
+    if not path.endswith((".yaml", ".yml")) or not name or _CROSS_CASE.search(name):
+        return None
+    return name
+
+
+class _ProgressHooks:
+    """A line per case as it starts, ``[n/N] case: about 2.1 min; about 14 min left``, through pytest's terminal
+    (the controller's, under xdist too, where workers report each start), and a first line with the plan."""
+
+    def __init__(self, config):
+        self.config = config
+        self.progress = None
+        self._tiers: dict[Path, tuple[str, ...]] = {}
+
+    def _plan(self, nodeids: list[str]) -> None:
+        from harness.progress import Progress
+
+        run = self.config.stash[RUN_KEY]
+        cases = {n: c for n in nodeids if (c := case_of(n)) is not None and self._for_this_tier(n)}
+        numprocesses = getattr(self.config.option, "numprocesses", None)
+        workers = numprocesses if isinstance(numprocesses, int) and numprocesses > 0 else 1
+        self.progress = Progress.plan(cases, run.results_dir, lambda cid: cid.split("[", 1)[0], workers)
+        auto = self.config.getoption("seeds") == "auto"
+        seeds = ("every seed of replicated suites" if run.seeds is None else
+                 f"{'the first ' if run.seeds > 1 else ''}{run.seeds} seed{'s' if run.seeds > 1 else ''} of each "
+                 f"replicated suite ({'the ' + run.tier + ' tier' + chr(39) + 's default' if auto else '--seeds'}; "
+                 "--seeds all runs every seed)")
+        if cases:
+            self._write(f"{self.progress.headline()}; {seeds}")
+
+    def _for_this_tier(self, nodeid: str) -> bool:
+        """Does the case's suite run on this session's tier (cases of other tiers skip at once: no time to count)?"""
+        from harness.spec import load_suite
+
+        path = Path(self.config.rootpath) / nodeid.partition("::")[0]
+        if path not in self._tiers:
+            try:
+                self._tiers[path] = tuple(load_suite(path).tiers)
+            except (SpecError, OSError):
+                self._tiers[path] = ()
+        run = self.config.stash[RUN_KEY]
+        return run.tier in self._tiers[path] and run.machine_fits
+
+    def _write(self, line: str) -> None:
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(line)
+            if tr.verbosity <= 0:
+                tr.currentfspath = None  # the file's name again before its next result
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session):
+        if not self.config.pluginmanager.hasplugin("dsession"):  # an xdist controller collects nothing itself
+            self._plan([i.nodeid for i in session.items])
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids):
+        if self.progress is None:
+            self._plan(list(ids))
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logstart(self, nodeid, location):
+        line = self.progress.start(nodeid) if self.progress is not None else None
+        if line:
+            self._write(line)
+
+    def pytest_runtest_logfinish(self, nodeid, location):
+        if self.progress is not None:
+            self.progress.finish(nodeid)
 
 
 def is_suite_file(path: Path) -> bool:

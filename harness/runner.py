@@ -68,6 +68,19 @@ def resolve_tier(requested: str) -> tuple[str, float | None, str]:
     return tier, budget, why
 
 
+def resolve_seeds(requested: str, tier: str) -> int | None:
+    """How many seeds of each replicated suite run (None: all) for ``--seeds``: ``all``, a count, or ``auto``
+    (one seed on the cpu tier, so that a first ``pytest suites/`` ends in about 20 minutes; all on a GPU tier)."""
+    text = str(requested).strip().lower()
+    if text == "all":
+        return None
+    if text == "auto":
+        return 1 if tier == "cpu" else None
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ValueError(f"--seeds {requested!r}: expected all, auto or a number of seeds (1 or more)")
+
+
 @dataclass
 class TierSelection:
     """The run's tier and memory budget: which cases this machine runs, and which the estimator skips."""
@@ -225,6 +238,7 @@ class Run:
     extended: dict[str, Record] = field(default_factory=dict)  # its records (and its own extended runs'), by case id
     started: bool = False
     executed: list[str] = field(default_factory=list)
+    seeds: int | None = None  # --seeds: the first N seeds of each replicated suite run (None: all)
 
     def __post_init__(self) -> None:
         self.fixed_id = bool(self.run_id)  # a given id is used as it is or refused; a made one gets a suffix

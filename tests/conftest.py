@@ -39,7 +39,8 @@ def _smoke(method: str, i: int, scale: float) -> dict:
         "estimate.optimizer_gib": 0.08, "estimate.activations_gib": 0.6, "estimate.workspace_gib": 0.05,
         "estimate.context_gib": 0.5,
     }
-    m |= parts | {"estimate.total_gib": sum(parts.values())}
+    m |= parts | {"estimate.total_gib": sum(parts.values()),
+                  "estimate.allocator_gib": sum(parts.values()) - parts["estimate.context_gib"]}
     if method == "qlora-fp4":
         status, message = "failed", "expectation rmse-max: quant.rmse = 0.122 is above max 0.11"
     series: dict = {}

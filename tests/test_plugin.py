@@ -102,7 +102,8 @@ def test_replicates_run_seed_by_seed_in_a_shuffled_order(project, order):
     text = (QUANT_SUITE.replace("method: [qlora-nf4, qlora-fp4]", f"method: [{', '.join(methods)}]")
             .replace("timeout_s: 300", f"timeout_s: 300\nreplicates: 4\norder: {order}"))
     (project.path / "suites" / "q.yaml").write_text(text)
-    runs = [project.runpytest_subprocess("suites/", "--collect-only", "-q", "--no-report") for _ in range(2)]
+    runs = [project.runpytest_subprocess("suites/", "--collect-only", "-q", "--no-report", "--seeds", "all")
+            for _ in range(2)]
     ids = [[line.split("::", 1)[1] for line in r.stdout.lines if "::q[" in line and "ratio" not in line] for r in runs]
     assert ids[0] == ids[1] and len(ids[0]) == 24  # the same order every time
     matrix_order = [f"q[{m}-seed{s}]" for m in methods for s in range(4)]
@@ -123,12 +124,13 @@ def test_extends_measures_a_noisy_timing_again_with_its_whole_block(project, ord
     suite run in blocks, its seed's other cases with it, so that each seed's cases still ran side by side."""
     suite = QUANT_SUITE.split("expectations:")[0] + f"timeout_s: 300\nreplicates: 2\norder: {order}\n"
     (project.path / "suites" / "q.yaml").write_text(suite)
-    project.runpytest_subprocess("suites/", "--run-id", "first", "--no-report").assert_outcomes(passed=4)
+    project.runpytest_subprocess("suites/", "--run-id", "first", "--no-report", "--seeds", "all").assert_outcomes(passed=4)
     path = project.path / "results" / "first" / "q__qlora-nf4-seed1.json"
     rec = json.loads(path.read_text())
     rec["metrics"]["train.timing_clean"] = 0.0  # what the noise guard writes when another process took the cores
     path.write_text(json.dumps(rec))
-    again = project.runpytest_subprocess("suites/", "--collect-only", "-q", "--run-id", "more", "--extends", "first")
+    again = project.runpytest_subprocess("suites/", "--collect-only", "-q", "--run-id", "more", "--extends", "first",
+                                         "--seeds", "all")
     kept = sorted(line.split("::", 1)[1] for line in again.stdout.lines if "::q[" in line)
     assert kept == (["q[qlora-fp4-seed1]", "q[qlora-nf4-seed1]"] if order == "blocks" else ["q[qlora-nf4-seed1]"])
 
@@ -173,12 +175,13 @@ def test_extends_runs_only_the_missing_seeds_and_pools_them(project):
     suite = (QUANT_SUITE.replace("  - {ratio", "  # - {ratio")
              + "replicates: 3\nsettings: {compute_dtype: auto}\norder: file\n")
     (project.path / "suites" / "q.yaml").write_text(suite)
-    project.runpytest_subprocess("suites/", "--run-id", "first", "-k", "seed0", "--no-report").assert_outcomes(passed=2)
+    project.runpytest_subprocess("suites/", "--run-id", "first", "--no-report").assert_outcomes(
+        passed=2, deselected=4)  # the cpu tier's default: the first seed only
     first = project.path / "results" / "first"
     lost = json.loads((first / "q__qlora-nf4-seed0.json").read_text())  # pretend a crash lost this case
     (first / "q__qlora-nf4-seed0.json").write_text(json.dumps({**lost, "status": "error", "metrics": {}}))
 
-    result = project.runpytest_subprocess("suites/", "-v", "--run-id", "more", "--extends", "first")
+    result = project.runpytest_subprocess("suites/", "-v", "--run-id", "more", "--extends", "first", "--seeds", "all")
     result.assert_outcomes(passed=5, deselected=1)  # seeds 1 and 2 of both methods, and the lost case again
     result.stdout.fnmatch_lines(["*q[[]qlora-nf4-seed0[]] PASSED*"])
     assert "q[qlora-fp4-seed0] PASSED" not in result.stdout.str()
@@ -214,3 +217,30 @@ def test_extends_runs_only_the_missing_seeds_and_pools_them(project):
     bad.stderr.fnmatch_lines(["ERROR: --extends first: q[[]qlora-fp4-seed0[]] was measured on another kind of "
                               "machine (torch * vs 1.0.0): seeds from both cannot be pooled"])
     assert not any((project.path / "results" / name).exists() for name in "xyz")
+
+
+def test_the_cpu_tier_runs_one_seed_by_default_and_every_case_says_how_long_is_left(project):
+    """A first ``pytest suites/`` on a CPU must end in minutes: a replicated suite runs its first seed unless
+    ``--seeds`` says otherwise, and each case prints ``[n/N]`` with the time left, estimated from earlier records
+    of the same cases (here a run whose records say 600 s each), under ``-q`` too."""
+    suite = QUANT_SUITE.split("expectations:")[0] + "timeout_s: 300\nreplicates: 3\norder: file\n"
+    (project.path / "suites" / "q.yaml").write_text(suite)
+    first = project.runpytest_subprocess("suites/", "-q", "--run-id", "first", "--no-report")
+    first.assert_outcomes(passed=2, deselected=4)
+    out = first.stdout.str()
+    assert "1 seed of each replicated suite (the cpu tier's default; --seeds all runs every seed)" in out
+    assert "qlora-harness [1/2] q[qlora-nf4-seed0]: no estimate" in out  # nothing measured before
+    assert "qlora-harness [2/2] q[qlora-fp4-seed0]" in out
+    for path in (project.path / "results" / "first").glob("q__*.json"):  # pretend each case took ten minutes
+        rec = json.loads(path.read_text())
+        path.write_text(json.dumps({**rec, "timings_s": {**rec["timings_s"], "total": 600.0}}))
+    again = project.runpytest_subprocess("suites/", "-q", "--run-id", "again", "--no-report", "--seeds", "2")
+    again.assert_outcomes(passed=4, deselected=2)
+    out = again.stdout.str()
+    # seed0's cases from their own records, seed1's from their suite's median; 4 x 10 min before any ran
+    assert "qlora-harness: 4 cases, about 40.0 min (from earlier records of these cases)" in out
+    assert "qlora-harness [1/4] q[qlora-nf4-seed0]: about 10.0 min; about 40.0 min left" in out
+    assert "[4/4] q[qlora-fp4-seed1]" in out
+    bad = project.runpytest_subprocess("suites/", "--seeds", "none", "--collect-only")
+    assert bad.ret != 0
+    bad.stderr.fnmatch_lines(["ERROR: --seeds 'none': expected all, auto or a number of seeds (1 or more)"])

@@ -110,7 +110,7 @@ def test_run_page_tables_charts_and_markers(fake_run: Path, tmp_path: Path):
     assert any("rmse-max" in m for m in messages) and any("out of memory" in m for m in messages)
 
     charts = {(d.attrs["data-suite"], d.attrs["data-chart"]) for d in doc.find_all("div", "chart")}
-    expected = {"memory", "throughput", "rmse", "bits_per_param", "loss", "pareto"}
+    expected = {"memory", "estimate", "throughput", "rmse", "bits_per_param", "loss", "pareto"}
     assert {c for s, c in charts if s == "smoke"} == expected
     assert {c for s, c in charts if s == "quant-fidelity"} == {"rmse", "bits_per_param", "rmse_layers"}
     for div in doc.find_all("div", "chart"):
@@ -228,3 +228,28 @@ def test_every_named_metric_is_one_a_stage_emits():
         why = metrics.unknown_metric(name, ("quant", "train", "eval", "generate"),
                                      ("support_mc", "support_ppl", "support_recall"))
         assert why is None, f"metrics.{key}: {why}"
+
+
+def test_run_page_opens_on_a_summary_per_method(fake_run: Path, tmp_path: Path):
+    """The first section answers per method: allocator peak beside the estimator's allocator prediction (the fake
+    run's 0.92 x (weights + 1.3) GiB against weights + 0.77), the GPU-tier fits of the suite's model from the
+    estimator, speed as a ratio, storage; a suite of storage alone gets no summary; the index opens on it too."""
+    doc = parse(render_run(fake_run, tmp_path / "reports"))
+    summary = doc.find_all("section", "answer")[0]
+    tables = {t.attrs["data-suite"]: t for t in summary.find_all("table", "summary")}
+    assert set(tables) == {"smoke"}  # quant-fidelity measures storage only
+    rows = {tr.attrs["data-method"]: tr for tr in tables["smoke"].find_all("tr") if "data-method" in tr.attrs}
+    # fp4 failed an expectation, fp4-dq ran out of memory: passed cases only, as in the statistics
+    assert list(rows) == ["lora-bf16-seq128", "qlora-nf4-seq128", "qlora-nf4-dq-seq128"]
+    cells = [td.all_text().strip() for td in rows["qlora-nf4-seq128"].find_all("td")]
+    weights = 0.9 * 4.5 / 16
+    assert cells[1] == f"{0.92 * (weights + 1.3):.2f} · predicted {weights + 0.77:.2f}"
+    assert cells[2].endswith("yes/yes/yes") and cells[-1] == "4.500"
+    assert "(reference)" in rows["lora-bf16-seq128"].all_text() and "× (no interval)" in cells[3]  # one seed each
+    text = summary.all_text()
+    assert "One seed per method" in text
+    sections = [n.attrs.get("id", "") for n in doc.find_all("section")]
+    assert sections.index("summary") < min(i for i, n in enumerate(doc.find_all("section"))
+                                           if "suite" in n.attrs.get("class", "").split())
+    index = parse(render_index(tmp_path / "results", tmp_path / "reports"))
+    assert index.find_all("section", "answer")[0].find_all("table", "summary", data_suite="smoke")

@@ -448,7 +448,8 @@ def test_noninferiority_items_run_after_their_groups(project):
     text = SUITE.replace("num_layers: 1}", "num_layers: 1}\ntimeout_s: 300").replace("replicates: 3", "replicates: 2")
     text += "  - {compare: quant.rmse, method: qlora-fp4, margin: 0.01, name: loose}\n"
     (project.path / "suites" / "q.yaml").write_text(text)
-    result = project.runpytest_subprocess("suites/", "-v", "-p", "no:randomly", "--run-id", "ni", "--no-report")
+    result = project.runpytest_subprocess("suites/", "-v", "-p", "no:randomly", "--run-id", "ni", "--no-report",
+                                          "--seeds", "all")
     result.assert_outcomes(passed=5, failed=1)
     result.stdout.fnmatch_lines([
         "*q[[]qlora-fp4-seed6[]] PASSED*",

@@ -31,7 +31,7 @@ MEASURED_PEAKS = (
     (M.NVML_PEAK, "measured: NVML", "#a63603"),
     (M.PEAK_RSS, "measured: process RSS", "#756bb1"),
 )
-PARETO_X = (M.PEAK_RESERVED, M.NVML_PEAK, M.PEAK_ALLOCATED, M.PEAK_RSS)
+PARETO_X = (M.PEAK_ALLOCATED, M.PEAK_RESERVED, M.NVML_PEAK, M.TENSOR_PEAK, M.PEAK_RSS)
 OTHER_COLOURS = ("#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash")
 HEIGHT = 360  # px of every figure; the chart's title is HTML above it
@@ -160,32 +160,47 @@ def short_layer(name: str) -> str:
     return re.sub(r"(?<![A-Za-z0-9_])(model|layers|self_attn|mlp)\.", "", name)
 
 
+MEMORY_PAIRS = (  # (measured, its prediction, what both are): like with like only
+    (M.PEAK_ALLOCATED, M.EST_ALLOCATOR, "torch allocator peak"),
+    (M.NVML_PEAK, M.EST_TOTAL, "NVML process peak (CUDA context included)"),
+    (M.TENSOR_PEAK, M.EST_AT_PROFILED_STEP, "live-tensor peak at the profiled step"),
+)
+
+
 def memory_chart(records: list[Record]) -> Chart | None:
-    """Predicted peak (stacked by component) beside each measured peak, per case."""
-    parts = [p for p in ESTIMATE_PARTS if _with(records, p[0])]
-    peaks = [p for p in MEASURED_PEAKS if _with(records, p[0])]
-    recs = _with(records, *(p[0] for p in parts + peaks))
-    if not recs:
+    """Each measured peak beside the estimator's prediction of that same quantity, per case or replicate group."""
+    pairs = [p for p in MEMORY_PAIRS if _with(records, p[0]) and _with(records, p[1])]
+    if not pairs:
         return None
-    x = [case_label(r.case_id) for r in recs]
-    fig = _fig(barmode="group", yaxis_title="GiB", legend=SIDE_LEGEND, margin={**LAYOUT["margin"], "r": 10})
-    base = [0.0] * len(recs)
+    fig = _fig(barmode="group", yaxis_title="GiB", yaxis_rangemode="tozero")
+    for measured, predicted, what in pairs:
+        for name, kind, col in ((predicted, "predicted", "#6baed6"), (measured, "measured", "#e6550d")):
+            pts = points(records, name)
+            fig.add_bar(x=[p.label for p in pts], y=[p.y for p in pts], name=f"{kind}: {what}",
+                        marker_color=col if len(pairs) == 1 else None, error_y=_error_y(pts),
+                        customdata=_hover_n(pts), hovertemplate="%{x}<br>" + kind + ": %{y:.4f} GiB%{customdata}"
+                                                                "<extra></extra>")
+    what = pairs[0][2] if len(pairs) == 1 else "each measurement beside its own prediction"
+    n = len(points(records, pairs[0][0]))
+    return Chart("memory", f"Peak memory, predicted against measured: {what}", fig, wide=n > 8)
+
+
+def estimate_chart(records: list[Record]) -> Chart | None:
+    """The estimator's peak by component (stacked), per case or replicate group: a prediction, nothing measured."""
+    parts = [p for p in ESTIMATE_PARTS if _with(records, p[0])]
+    if not parts:
+        return None
+    fig = _fig(barmode="stack", yaxis_title="GiB", legend=SIDE_LEGEND, margin={**LAYOUT["margin"], "r": 10})
     for name, label, col in parts:
-        y = [_value(r, name) or 0.0 for r in recs]
-        fig.add_bar(
-            x=x, y=y, base=list(base), name=f"predicted: {label}", marker_color=col, offsetgroup="predicted",
-            legendgroup="predicted", hovertemplate="%{x}<br>" + label + ": %{y:.3f} GiB<extra></extra>",
-        )
-        base = [b + v for b, v in zip(base, y, strict=True)]
-    for r, label, top in zip(recs, x, base, strict=True):
-        if r.status == "oom":  # predicted, then out of memory: say so where the measured bars would be
-            fig.add_annotation(x=label, y=top, text="OOM", showarrow=False, yshift=12, font=dict(color="#8250df"))
-    for name, label, col in peaks:
-        fig.add_bar(
-            x=x, y=[_value(r, name) for r in recs], name=label, marker_color=col, offsetgroup=name,
-            hovertemplate="%{x}<br>" + label + ": %{y:.3f} GiB<extra></extra>",
-        )
-    return Chart("memory", "Peak memory: predicted by component (stacked, blue) against measured", fig, wide=True)
+        pts = points(records, name)
+        fig.add_bar(x=[p.label for p in pts], y=[p.y for p in pts], name=label, marker_color=col,
+                    hovertemplate="%{x}<br>" + label + ": %{y:.4f} GiB<extra></extra>")
+    oom = {case_label(r.case_id) for r in records if r.status == "oom"}
+    for label in sorted(oom):
+        fig.add_annotation(x=label, y=0, text="OOM", showarrow=False, yshift=12, font=dict(color="#8250df"))
+    n = len(points(records, parts[0][0]))
+    return Chart("estimate", "Predicted peak memory by component, for a full batch (batch size x sequence length "
+                 "tokens; no measurement here)", fig, wide=n > 8)
 
 
 def throughput_chart(records: list[Record]) -> Chart | None:
@@ -233,7 +248,7 @@ def layer_rmse_chart(records: list[Record]) -> Chart | None:
     recs = [r for r in records if r.tables.get(M.LAYERS_TABLE)]
     if not recs:
         return None
-    fig = _fig(yaxis_title="RMSE", hovermode="x unified")
+    fig = _fig(yaxis_title="RMSE", hovermode="x unified", yaxis_rangemode="tozero")
     seen: dict[str, int] = {}
     for r in recs:
         rows = [row for row in r.tables[M.LAYERS_TABLE] if row.get("rmse") is not None]
@@ -274,7 +289,7 @@ def loss_chart(records: list[Record]) -> Chart | None:
     recs = [r for r in records if r.series.get(M.LOSS_SERIES)]
     if not recs:
         return None
-    fig = _fig(xaxis_title="step", yaxis_title="loss", hovermode="x unified")
+    fig = _fig(xaxis_title="step", yaxis_title="loss", hovermode="x unified", yaxis_rangemode="tozero")
     seen: dict[str, int] = {}
     for r in recs:
         points = r.series[M.LOSS_SERIES]
@@ -323,44 +338,91 @@ def pareto_chart(records: list[Record]) -> Chart | None:
                 x=[p[0] for p in frontier], y=[p[1] for p in frontier], mode="lines", line_shape="hv",
                 line=dict(color="#999", dash="dot", width=1), showlegend=False, hoverinfo="skip", row=1, col=col,
             )
-        fig.update_xaxes(title_text=f"{xname.split('.', 1)[1]} (GiB)", row=1, col=col)
+        fig.update_xaxes(title_text=f"{xname.split('.', 1)[1]} (GiB)", rangemode="tozero", row=1, col=col)
+    fig.update_yaxes(range=[0, 1.02], tickvals=[0.2, 0.4, 0.6, 0.8, 1.0])  # no "0" over the x axis's
     fig.update_yaxes(title_text="accuracy", row=1, col=1)
-    return Chart("pareto", "Accuracy against peak memory (up and to the left is better; dotted: best so far)", fig,
+    what = {M.PEAK_RSS: "process RSS, interpreter included", M.TENSOR_PEAK: "live tensors"}.get(xname, "GPU")
+    return Chart("pareto", f"Accuracy against peak memory ({what}; up and to the left is better; dotted: best so "
+                 "far; both axes from zero)", fig,
                  wide=len(tasks) > 1)
 
 
-def difference_chart(records: list[Record]) -> Chart | None:
-    """Each method minus the reference on every quality metric, with the paired interval (seeds × items),
-    simultaneous over the methods compared (``stats.run_stats``)."""
-    suites = stats.run_stats(records).get("suites", {})
-    diffs = [d for st in suites.values() for d in st["differences"] if d.get("lo") is not None]
+FAMILIES = {  # metric kind -> the panel it is drawn in (one x scale each); other kinds stay in the table
+    "acc": "accuracy", "exact_match": "exact match", "bits_per_byte": "bits per byte",
+}
+
+
+def family(metric: str) -> tuple[str, str] | None:
+    """(variant, family) of an item-level eval metric in FAMILIES (``base`` / ``adapter`` ...), else None."""
+    im = stats.item_metric(metric)
+    return (im.variant, FAMILIES[im.metric]) if im is not None and im.metric in FAMILIES else None
+
+
+def _method_of(group: str) -> str:
+    return case_label(group)
+
+
+def forest_chart(st: dict, variant: str = "adapter") -> Chart | None:
+    """A forest plot of the differences to the reference (``stats.run_stats``' dicts): a row per method, a panel
+    per metric family with one x scale, a marker per metric with its simultaneous interval, zero marked. The
+    untrained base's differences (``variant="base"``) make their own, smaller chart."""
+    diffs = [d for d in st.get("differences", []) if d.get("lo") is not None and d.get("hi") is not None
+             and (f := family(d["metric"])) is not None and f[0] == variant]
     if not diffs:
         return None
-    names = list(dict.fromkeys(d["metric"] for d in diffs))
-    ref = next(iter(suites.values()))["reference"]
-    # plotly refuses a spacing above 1 / (cols - 1): many metrics get narrower gaps
-    spacing = min(0.12, 0.8 / (len(names) - 1)) if len(names) > 1 else 0.12
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=[n.removeprefix("eval.") for n in names],
-                        horizontal_spacing=spacing)
-    fig.update_layout(**{**LAYOUT, "showlegend": False, "margin": {**LAYOUT["margin"], "t": 40, "l": 110}})
-    for col, name in enumerate(names, start=1):
-        mine = [d for d in diffs if d["metric"] == name]
-        fig.add_scatter(
-            x=[d["estimate"] for d in mine], y=[case_label(d["group"]) for d in mine], mode="markers", row=1, col=col,
-            marker=dict(size=10, color=[colour(d["method"]) for d in mine], line=dict(width=1, color="#333")),
-            error_x=dict(type="data", symmetric=False, array=[d["hi"] - d["estimate"] for d in mine],
-                         arrayminus=[d["estimate"] - d["lo"] for d in mine], color="#333", thickness=1.2, width=4),
-            customdata=[[d["lo"], d["hi"], d["verdict"]] for d in mine],
-            hovertemplate="%{y}: %{x:+.4f} [%{customdata[0]:+.4f}, %{customdata[1]:+.4f}]<br>%{customdata[2]}"
-                          "<extra></extra>",
-        )
-        fig.add_vline(x=0, line_dash="dot", line_color="#888", line_width=1, row=1, col=col)
-        better = {"higher": "→ better", "lower": "← better"}.get(metrics.direction(name), "")
-        fig.update_xaxes(title_text=f"difference to {ref} {better}", row=1, col=col)
-    k = next(iter(suites.values())).get("family_size", 1)
-    joint = f"simultaneous 95% interval over {k} methods" if k > 1 else "95% interval"
-    return Chart("differences", f"Difference to {ref} with its {joint} (paired over seeds and eval items)",
-                 fig, wide=len(names) > 1)
+    ref = st.get("reference", stats.REFERENCE)
+    fams = list(dict.fromkeys(family(d["metric"])[1] for d in sorted(diffs, key=lambda d: d["metric"])))
+    rows = sorted(dict.fromkeys(_method_of(d["group"]) for d in diffs),
+                  key=lambda m: list(methods.METHODS).index(m) if m in methods.METHODS else 99, reverse=True)
+    fig = make_subplots(rows=1, cols=len(fams), shared_yaxes=True, horizontal_spacing=0.06,
+                        subplot_titles=[f"{f} ({_better(f, diffs)})" for f in fams])
+    height = max(160, 60 + 34 * len(rows)) if variant == "base" else max(220, 90 + 44 * len(rows))
+    fig.update_layout(**{**LAYOUT, "height": height, "scattermode": "group", "scattergap": 0.5,
+                         "margin": {**LAYOUT["margin"], "t": 50, "l": 110},
+                         "legend": dict(orientation="h", yanchor="top", y=-0.22 if variant == "adapter" else -0.35,
+                                        x=0)})
+    symbols = ("circle", "diamond", "square", "triangle-up", "x", "star")
+    for col, fam in enumerate(fams, start=1):
+        names = list(dict.fromkeys(d["metric"] for d in diffs if family(d["metric"])[1] == fam))
+        for i, name in enumerate(names):
+            mine = sorted((d for d in diffs if d["metric"] == name), key=lambda d: rows.index(_method_of(d["group"])))
+            task = name.removeprefix("eval.").split(".")[0]
+            fig.add_scatter(
+                x=[d["estimate"] for d in mine], y=[_method_of(d["group"]) for d in mine], mode="markers",
+                orientation="h", name=f"{task} {fam}", row=1, col=col, legendgroup=name,
+                marker=dict(size=10, symbol=symbols[i % len(symbols)], color=[colour(d["method"]) for d in mine],
+                            line=dict(width=1, color="#333")),
+                error_x=dict(type="data", symmetric=False, array=[d["hi"] - d["estimate"] for d in mine],
+                             arrayminus=[d["estimate"] - d["lo"] for d in mine], color="#333", thickness=1.2, width=4),
+                customdata=[[d["lo"], d["hi"], d["verdict"]] for d in mine],
+                hovertemplate="%{y} · " + task + ": %{x:+.4f} [%{customdata[0]:+.4f}, %{customdata[1]:+.4f}]"
+                              "<br>%{customdata[2]}<extra></extra>",
+            )
+        fig.add_vline(x=0, line_dash="solid", line_color="#888", line_width=1, row=1, col=col)
+        span = max(abs(v) for d in diffs if family(d["metric"])[1] == fam for v in (d["lo"], d["hi"])) or 1.0
+        fig.update_xaxes(range=[-1.1 * span, 1.1 * span], zeroline=False, row=1, col=col)  # zero in the middle
+    fig.update_yaxes(categoryorder="array", categoryarray=rows)
+    fig.update_xaxes(title_text=f"difference to {ref}", title_standoff=4)
+    k = st.get("family_size", 1)
+    joint = f"simultaneous 95% intervals over {k} methods" if k > 1 else "95% intervals"
+    if variant == "base":
+        return Chart("base_differences", f"What quantizing the base does before training: each untrained base "
+                     f"against {ref}'s, with {joint}", fig, wide=True)
+    return Chart("differences", f"Difference to {ref} after training, with {joint} (paired over seeds and eval "
+                 "items; other metrics in the table)", fig, wide=True)
+
+
+def _better(fam: str, diffs: list[dict]) -> str:
+    d = next(d for d in diffs if family(d["metric"])[1] == fam)
+    return {"higher": "→ better", "lower": "← better"}.get(metrics.direction(d["metric"]), "no direction")
+
+
+def difference_chart(records: list[Record], st: dict | None = None) -> Chart | None:
+    """The forest plot of a suite's differences after training (``forest_chart``), from ``st`` where given."""
+    if st is None:
+        suites = stats.run_stats(records).get("suites", {})
+        st = next(iter(suites.values()), {})
+    return forest_chart(st)
 
 
 _GEN = re.compile(r"gen\.([a-z]+)\.bs(\d+)\.(decode_tokens_per_s|ttft_ms)$")
@@ -377,7 +439,8 @@ def inference_chart(records: list[Record]) -> Chart | None:
     fig = make_subplots(rows=1, cols=2, subplot_titles=["decode tokens/s (higher is better)",
                                                         "time to first token, ms (lower is better)"],
                         horizontal_spacing=0.1)
-    fig.update_layout(**{**LAYOUT, "barmode": "group", "margin": {**LAYOUT["margin"], "t": 40}})
+    fig.update_layout(**{**LAYOUT, "barmode": "group", "margin": {**LAYOUT["margin"], "t": 40},
+                         "legend": SIDE_LEGEND})  # a legend on top would cover the subplot titles
     for i, b in enumerate(sizes):
         for col, metric in ((1, "decode_tokens_per_s"), (2, "ttft_ms")):
             x, y, colours = [], [], []
@@ -398,13 +461,14 @@ def inference_chart(records: list[Record]) -> Chart | None:
 DASH_PATTERNS = ("", "/", ".", "x")
 
 CHARTS: tuple[Callable[[list[Record]], Chart | None], ...] = (
-    memory_chart, throughput_chart, rmse_chart, bits_chart, layer_rmse_chart, loss_chart, pareto_chart,
-    difference_chart, inference_chart,
+    memory_chart, estimate_chart, throughput_chart, rmse_chart, bits_chart, layer_rmse_chart, loss_chart,
+    pareto_chart, inference_chart,
 )
 
 
 def suite_charts(records: list[Record]) -> list[Chart]:
-    """Every chart whose metrics exist in these records, in reading order."""
+    """Every chart whose metrics exist in these records, in reading order (the forest plots are drawn apart,
+    from the suite's statistics: ``forest_chart``)."""
     return [c for c in (make(records) for make in CHARTS) if c is not None]
 
 

@@ -16,6 +16,7 @@ from harness.compare import load_baseline
 from harness.records import SAFE_NAME, RecordError, list_runs, read_stats_checks, warn
 from harness.report import charts as ch
 from harness.report import distributed, tables
+from harness.report import summary as sm
 from harness.report.data import (
     Run,
     differing_bases,
@@ -151,40 +152,63 @@ def render_run(run_dir: Path, reports_dir: Path, *, baseline: Path | str | None 
     base = load_baseline(baseline, Path(run_dir).parent) if baseline is not None else None
     base_id = next(iter(base.values())).run_id if base else ""
     csv_links = {p.stem: p for p in tables.export_tables(run_dir, reports_dir) if p.suffix == ".csv"}
-    suites = []
+    suites, decisions = [], []
     for suite in run.suites:
         records = run.by_suite(suite)
+        st = _suite_stats(run_dir, suite, records)
+        if (dec := sm.decision(records, st, st.get("reference") or _reference(run_dir, suite))) is not None:
+            decisions.append(dec)
+        forest = [c for c in (ch.forest_chart(st), ch.forest_chart(st, "base")) if c is not None]
+        table = tables.suite_table(records, base)
         suites.append({
             "name": suite,
             "anchor": f"suite-{_slug(suite)}",
             "model": _model_text(records[0].model),
-            "table": tables.suite_table(records, base),
+            "table": table,
+            "collapse": len(table.rows) > COLLAPSE_ROWS,
+            "forest": _chart_views(suite, [c for c in forest if c.name == "differences"]),
+            "base_forest": _chart_views(suite, [c for c in forest if c.name == "base_differences"]),
             "merge": tables.merge_table(records),
             "compat": distributed.compat_table(records),  # cases over ranks: method x strategy, from records
             "ranks": distributed.ranks_table(records),
             "bases": differing_bases(records, base),  # comparisons made across different base models
             "all": tables.all_metrics(records),
             "charts": _chart_views(suite, ch.suite_charts(records)),
-            "stats": _stats_view(run_dir, suite, records),
+            "stats": _stats_view(run_dir, suite, records, st),
             "csv": f"{run.run_id}/{csv_links[suite].name}" if suite in csv_links else "",
             "md": f"{run.run_id}/{suite}.md" if suite in csv_links else "",
         })
     env = run.env
     return _page(
         "run.html", Path(reports_dir) / f"{run.run_id}.html",
-        run=_run_summary(run), suites=suites, env=env_items(env), versions=env.get("versions") or {},
+        run=_run_summary(run), suites=suites, decisions=sm.ordered(decisions), tiers=sm.tier_names(), env=env_items(env), versions=env.get("versions") or {},
         baseline=str(baseline) if baseline is not None else "", baseline_id=base_id,
         title=f"{run.run_id} · qlora-harness",
     )
 
 
-def _stats_view(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
-    """Differences to the reference with intervals and generated verdicts, speed/memory ratios, expectations."""
-    from harness import stats
-    from harness.report.headline import _reference, run_verdicts
+COLLAPSE_ROWS = 12  # a table longer than this opens collapsed (the summary above it answers first)
 
-    ref = _reference(run_dir, suite)
-    st = stats.run_stats(records, {suite: ref}).get("suites", {}).get(suite, {})
+
+def _reference(run_dir: Path, suite: str) -> str:
+    from harness.report.headline import _reference as stored
+
+    return stored(run_dir, suite)
+
+
+def _suite_stats(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
+    """The suite's statistics, stored with the run where they are (``summary.suite_stats``), computed otherwise."""
+    return sm.suite_stats(run_dir, suite, records, _reference(run_dir, suite))
+
+
+def _stats_view(run_dir: Path, suite: str, records: list, st: dict[str, Any]) -> dict[str, Any]:
+    """Differences to the reference with intervals and generated verdicts (the trained adapters', then the
+    untrained bases'), speed/memory ratios, expectations."""
+
+    from harness import stats
+    from harness.report.headline import run_verdicts
+
+    ref = st.get("reference") or _reference(run_dir, suite)
 
     def interval(d: dict[str, Any], k: int | None = None) -> str:
         if d.get("estimate") is None:  # the metric is missing on one side
@@ -210,8 +234,13 @@ def _stats_view(run_dir: Path, suite: str, records: list) -> dict[str, Any]:
         warn(f"{line} (left out of the report)")
     checks = [{"name": f.name, **r.model_dump()} for f in files if f.suite == suite for r in f.results]
     replicated = any(len(g.records) > 1 for g in by_group.values())
-    return {"reference": ref, "differences": diffs, "ratios": ratios if replicated else [], "checks": checks,
-            "family_size": st.get("family_size", 1), "runs": list(alone)}
+    def untrained(d: dict[str, Any]) -> bool:
+        im = stats.item_metric(d["metric"])
+        return im is not None and im.variant == "base"
+
+    return {"reference": ref, "differences": [d for d in diffs if not untrained(d)],
+            "base_differences": [d for d in diffs if untrained(d)], "ratios": ratios if replicated else [],
+            "checks": checks, "family_size": st.get("family_size", 1), "runs": list(alone)}
 
 
 def _stale(page: Path, run_dir: Path) -> bool:
@@ -239,9 +268,20 @@ def render_index(results_dir: Path, reports_dir: Path) -> Path:
             warn(f"{run_dir}: page not rendered ({type(exc).__name__}: {exc}; a bug of the harness, please report "
                  "it) (run left out of the index)")
             continue
-        runs.append({**_run_summary(run), "href": page.name})
+        runs.append({**_run_summary(run), "href": page.name, "dir": run_dir, "run": run})
     runs.sort(key=lambda r: (r["started_at"], r["run_id"]), reverse=True)
-    return _page("index.html", reports_dir / "index.html", runs=runs, title="Runs · qlora-harness")
+    latest = {}
+    for r in runs:  # the newest run that compares methods opens the index with its summary
+        decisions = [d for suite in r["suites"] if (d := sm.decision(
+            r["run"].by_suite(suite), st := _suite_stats(r["dir"], suite, r["run"].by_suite(suite)),
+            st.get("reference") or _reference(r["dir"], suite))) is not None]
+        if decisions:
+            latest = {"run_id": r["run_id"], "href": r["href"], "decisions": sm.ordered(decisions)}
+            break
+    for r in runs:
+        del r["dir"], r["run"]
+    return _page("index.html", reports_dir / "index.html", runs=runs, latest=latest, tiers=sm.tier_names(),
+                 title="Runs · qlora-harness")
 
 
 def render_many(run_dirs: list[Path], out: Path) -> Path:

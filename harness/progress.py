@@ -1,0 +1,130 @@
+"""A live line per case while a session runs: which case of how many, how long it took before, how long is left.
+
+Estimates come from earlier records of the same case id under the results folder (any run folder up to three
+levels down, so a fresh clone's committed ``results/reference/<machine>/<run>/`` counts), else from the median
+of the session's other cases of the same suite that have one; a case with neither is counted as unknown. The
+time left is scaled by how the finished cases' durations compared with their estimates (a slower machine than
+the earlier one's; a median, so that a first case that also built its base does not count for all) and divided
+among the xdist workers.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.records import RUN_FILE, case_filename
+
+NEWEST = 3  # earlier records read per case (the newest run folders that hold it)
+PACE_AFTER = 3  # finished cases before the time left follows how this machine compares with the earlier records
+
+
+def run_folders(results_dir: Path) -> list[Path]:
+    """Run folders (with a run.json) up to three levels under ``results_dir``, newest name first."""
+    root = Path(results_dir)
+    found = [p.parent for depth in ("*", "*/*", "*/*/*") for p in root.glob(f"{depth}/{RUN_FILE}")]
+    return sorted(set(found), key=lambda p: p.name, reverse=True)
+
+
+def earlier_seconds(results_dir: Path, case_ids: list[str]) -> dict[str, float]:
+    """Median wall seconds of each case in earlier runs (``timings_s.total`` of the newest NEWEST records)."""
+    folders = run_folders(results_dir)
+    out = {}
+    for cid in case_ids:
+        name, seen = case_filename(cid), []
+        for folder in folders:
+            path = folder / name
+            if len(seen) >= NEWEST or not path.is_file():
+                continue
+            try:
+                rec = json.loads(path.read_text())
+                total = float((rec.get("timings_s") or {})["total"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if rec.get("status") in ("passed", "failed") and total > 0:
+                seen.append(total)
+        if seen:
+            out[cid] = statistics.median(seen)
+    return out
+
+
+def minutes(seconds: float) -> str:
+    """``45 s``, ``3.2 min``, ``1 h 05 min``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+@dataclass
+class Progress:
+    """The session's cases (by node id) and their estimates; ``start`` and ``finish`` as the cases run."""
+
+    cases: dict[str, str]  # node id -> case id, in run order
+    estimates: dict[str, float]  # case id -> seconds
+    workers: int = 1
+    started: dict[str, float] = field(default_factory=dict)  # node id -> monotonic start
+    took: dict[str, float] = field(default_factory=dict)  # node id -> seconds
+    clock: object = time.monotonic
+
+    @classmethod
+    def plan(cls, cases: dict[str, str], results_dir: Path, suite_of, workers: int = 1) -> Progress:
+        """Estimates for ``cases`` from earlier records; a case without one takes its suite's median, if any."""
+        est = earlier_seconds(results_dir, list(dict.fromkeys(cases.values())))
+        by_suite: dict[str, list[float]] = {}
+        for cid, s in est.items():
+            by_suite.setdefault(suite_of(cid), []).append(s)
+        for cid in cases.values():
+            if cid not in est and by_suite.get(suite_of(cid)):
+                est[cid] = statistics.median(by_suite[suite_of(cid)])
+        return cls(cases, est, max(1, workers))
+
+    def _pace(self) -> float:
+        """The median of the finished cases' seconds over their estimates, from PACE_AFTER finished cases on (1
+        before: a session's first case also builds its base), kept within 0.5 to 3."""
+        ratios = [s / self.estimates[self.cases[n]] for n, s in self.took.items() if self.cases[n] in self.estimates]
+        if len(ratios) < PACE_AFTER:
+            return 1.0
+        return min(3.0, max(0.5, statistics.median(ratios)))
+
+    def left_s(self) -> tuple[float, int]:
+        """(seconds left over every unfinished case, cases without an estimate)."""
+        now, pace, left, unknown = self.clock(), self._pace(), 0.0, 0
+        for node, cid in self.cases.items():
+            if node in self.took:
+                continue
+            if cid not in self.estimates:
+                unknown += 1
+                continue
+            spent = now - self.started[node] if node in self.started else 0.0
+            left += max(0.0, self.estimates[cid] * pace - spent)
+        return left / self.workers, unknown
+
+    def headline(self) -> str:
+        """The line before the first case: how many cases, and about how long."""
+        left, unknown = self.left_s()
+        n = len(self.cases)
+        known = f"about {minutes(left)}" + (f" for {n - unknown} of them (earlier records)" if unknown else
+                                            " (from earlier records of these cases)")
+        return f"qlora-harness: {n} cases, {known if n > unknown else 'no earlier records to estimate from'}" + (
+            f", over {self.workers} workers" if self.workers > 1 else "")
+
+    def start(self, node: str) -> str | None:
+        """The line for a case that starts now (None for an item that is not a case)."""
+        if node not in self.cases:
+            return None
+        self.started[node] = self.clock()
+        cid = self.cases[node]
+        n = list(self.cases).index(node) + 1 if self.workers == 1 else len(self.started)
+        this = f"about {minutes(self.estimates[cid] * self._pace())}" if cid in self.estimates else "no estimate"
+        left, unknown = self.left_s()
+        rest = f"about {minutes(left)} left" + (f" (+{unknown} cases without an estimate)" if unknown else "")
+        return f"qlora-harness [{n}/{len(self.cases)}] {cid}: {this}; {rest}"
+
+    def finish(self, node: str) -> None:
+        if node in self.started and node not in self.took:
+            self.took[node] = self.clock() - self.started[node]
