@@ -28,13 +28,15 @@ SPEED = M.TOKENS_PER_S
 
 
 def primary_metric(records: list[Record]) -> str:
-    """The suite's primary quality metric: the one its records declare (a ``primary`` setting), else held-out
-    bits per byte where measured, else the first item-level eval metric of the adapter. The one place the report
-    asks, so that a suite-level ``primary:`` plugs in here."""
-    declared = next((str(r.params["primary"]) for r in records if r.params.get("primary")), None)
-    if declared:
-        return declared
+    """The suite's primary quality metric: the one its eval stage recorded as primary (the suite's
+    ``eval.primary``, by default its first task's main metric, as the headline's columns take it), else held-out
+    bits per byte where measured, else the first item-level eval metric of the adapter."""
+    from harness.report.headline import quality_metrics
+
     names = dict.fromkeys(k for r in records for k in r.metrics)
+    declared = [q for q in quality_metrics(records) if q in names]
+    if declared:
+        return declared[0]
     if M.HELDOUT_BPB in names:
         return M.HELDOUT_BPB
     return next((n for n in names if (im := stats.item_metric(n)) is not None and im.variant == "adapter"), M.HELDOUT_BPB)
