@@ -78,8 +78,9 @@ def expand(suite: Suite, path: Path | str) -> list[Case]:
             tokenizer_corpus=[str((base / p).resolve()) for p in suite.data.tokenizer_corpus],
         )
     ev = suite.eval
-    if ev is not None and ev.heldout is not None:
-        ev = ev.model_copy(update={"heldout": str((base / ev.heldout).resolve())})
+    if ev is not None:
+        ev = ev.model_copy(update={k: str((base / getattr(ev, k)).resolve()) for k in ("heldout", "answers")
+                                   if getattr(ev, k) is not None})
     model = sources.get(suite.model.source).resolve(suite.model, base)  # its paths made absolute
     if model.tokenizer is not None and sources.tokenizer_is_path(model.tokenizer):
         model = model.model_copy(update={"tokenizer": str((base / Path(model.tokenizer).expanduser()).resolve())})

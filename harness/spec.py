@@ -94,6 +94,7 @@ class Settings(Strict):
     gen_new_tokens: int = Field(32, ge=2)
     gen_repeats: int = Field(3, ge=1)
     gen_batch_sizes: str = "1,8"
+    gen_answer_tokens: int = Field(48, ge=1)  # most tokens of a kept greedy answer (eval.answers)
     # isolation
     memory_limit_gib: float | None = Field(None, gt=0)  # address-space limit of the worker (CPU OOM tests)
     # how the case's worker runs (harness/launchers/): "process" (one), or "torchrun" (nproc ranks per node)
@@ -174,8 +175,8 @@ ID_PREFIX = {
     "target_modules": "", "compute_dtype": "", "optimizer": "", "weight_source": "", "method": "",
     "weight_transform": "",
     "precision": "", "merge_strategy": "", "gen_prompt_tokens": "prompt", "gen_new_tokens": "new",
-    "gen_repeats": "rep", "gen_batch_sizes": "gbs", "launcher": "", "nproc": "np", "nnodes": "nodes",
-    "rdzv_endpoint": "rdzv", "strategy": "", "dist_timeout_s": "pgtimeout",
+    "gen_repeats": "rep", "gen_batch_sizes": "gbs", "gen_answer_tokens": "answer", "launcher": "", "nproc": "np",
+    "nnodes": "nodes", "rdzv_endpoint": "rdzv", "strategy": "", "dist_timeout_s": "pgtimeout",
 }
 
 
@@ -231,6 +232,13 @@ class EvalSpec(Strict):
     tasks: list[str] = Field(min_length=1)  # shipped (suites/tasks/*.yaml) or installed lm-eval tasks
     num_fewshot: int = Field(0, ge=0)
     heldout: str | None = None  # JSONL of held-out ``text`` rows (relative to the suite): merge fidelity probe
+    # lm-eval renders each request's context with the tokenizer's chat template (and this system prompt), as
+    # the model was trained: an instruct model scored on plain "Q: ... A:" text is scored off its format
+    apply_chat_template: bool = False
+    system_instruction: str | None = None
+    # JSONL of trl conversational ``prompt`` rows (relative to the suite): the generate stage keeps every form's
+    # greedy answer to each, beside the base's; a row's ``expect`` is a string the answer must contain (a canary)
+    answers: str | None = None
 
 
 class MetricExpectation(Strict):
@@ -528,8 +536,12 @@ def _check_semantics(path: Path, suite: Suite) -> None:
         ]:
             if not (base / rel).is_file():
                 raise SpecError(path, where, f"data file not found: {base / rel}")
-    if suite.eval is not None and suite.eval.heldout is not None and not (base / suite.eval.heldout).is_file():
-        raise SpecError(path, "eval.heldout", f"data file not found: {base / suite.eval.heldout}")
+    for key in ("heldout", "answers"):
+        rel = getattr(suite.eval, key) if suite.eval is not None else None
+        if rel is not None and not (base / rel).is_file():
+            raise SpecError(path, f"eval.{key}", f"data file not found: {base / rel}")
+    if suite.eval is not None and suite.eval.answers is not None:
+        _check_answers(path, base / suite.eval.answers)
     if suite.eval is not None:
         task_dir = base / "tasks"
         for i, task in enumerate(suite.eval.tasks):
@@ -539,6 +551,21 @@ def _check_semantics(path: Path, suite: Suite) -> None:
             elif task not in installed_tasks():
                 raise SpecError(path, f"eval.tasks[{i}]", f"unknown lm-eval task {short(task)}: not shipped in "
                                                          f"{task_dir}/ and not an installed lm-eval task")
+
+
+def _check_answers(path: Path, file: Path) -> None:
+    """Every row of ``eval.answers`` is a trl conversational prompt (a list of role/content turns)."""
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            turns = json.loads(line).get("prompt")
+        except (json.JSONDecodeError, AttributeError):
+            turns = None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) and "role" in t and "content" in t
+                                                                for t in turns):
+            raise SpecError(path, "eval.answers", f"{file}:{n}: expected a 'prompt' list of {{role, content}} turns "
+                                                  "(trl's conversational format)")
 
 
 def _tasks_cache() -> Path:

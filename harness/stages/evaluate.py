@@ -67,6 +67,8 @@ def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float, list
             bootstrap_iters=1000,
             random_seed=s.seed,
             verbosity="ERROR",
+            apply_chat_template=ctx.case.eval.apply_chat_template,
+            system_instruction=ctx.case.eval.system_instruction,
         )
     flat: dict[str, float] = {}
     for task, metrics in results["results"].items():
@@ -81,8 +83,11 @@ def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float, list
 
 def _base_key(ctx: Context) -> str:
     s = ctx.case.settings
+    ev = ctx.case.eval
     parts = [ctx.source.info.get("fingerprint"), s.method, s.compute_dtype, s.quant_storage,
-             sorted(ctx.case.eval.tasks), ctx.case.eval.num_fewshot, s.eval_limit, s.seed]
+             sorted(ev.tasks), ev.num_fewshot, s.eval_limit, s.seed]
+    if ev.apply_chat_template:  # keys of runs without a chat template stay as they were
+        parts += [ev.apply_chat_template, ev.system_instruction]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
