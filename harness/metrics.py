@@ -102,6 +102,7 @@ LOSS_DROP = "train.loss_drop"
 LOSS_SERIES = "train.loss"  # a series, not a metric
 TIMING_TABLE = "train.timing"  # a table: the noise guard's verdict
 GEN_TIMING_TABLE = "gen.timing"  # a table: the noise guard's verdict per generated form
+GEN_ANSWERS_TABLE = "gen.answers"  # a table: every form's (and the base's) greedy answer to each eval.answers prompt
 # quantization
 RMSE = "quant.rmse"
 INT4_RMSE = "quant.int4_ref.rmse"

@@ -444,7 +444,7 @@ def answers_table(records: list[Record]) -> list[dict[str, Any]]:
     rows = []
     for rec in records:
         by_prompt: dict[int, dict[str, Any]] = {}
-        for r in rec.tables.get("gen.answers", []):
+        for r in rec.tables.get(M.GEN_ANSWERS_TABLE, []):
             row = by_prompt.setdefault(r["prompt"], {"case": case_label(rec.case_id), "question": r["question"],
                                                      "expect": r.get("expect"), "forms": {}})
             row["forms"][r["form"]] = {"answer": r["answer"], "reproduced": r.get("reproduced")}

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from harness.measure import memory, noise
-from harness.metrics import GEN_TIMING_TABLE
+from harness.metrics import GEN_ANSWERS_TABLE, GEN_TIMING_TABLE
 from harness.stages import Context, Inputs, StageOutput, free, sync
 
 
@@ -176,7 +176,7 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
         if rows:
             m, table = answer_table(form, rows, greedy_answers(model, tokenizer, rows, s.gen_answer_tokens, ctx.device))
             out.metrics.update(m)
-            out.tables.setdefault("gen.answers", []).extend(table)
+            out.tables.setdefault(GEN_ANSWERS_TABLE, []).extend(table)
 
     if rows:  # the untrained base as the method loads it: what the adapter's answers are read against
         base = load(s.method)
