@@ -82,6 +82,7 @@ def expand(suite: Suite, path: Path | str) -> list[Case]:
                  if t.data_files else t for t in ev.tasks]
         ev = ev.model_copy(update={
             "tasks": tasks, "heldout": str((base / ev.heldout).resolve()) if ev.heldout else None,
+            "answers": str((base / ev.answers).resolve()) if ev.answers else None,
             "task_dir": str((base / ev.task_dir).resolve()) if ev.task_dir else None})
     model = sources.get(suite.model.source).resolve(suite.model, base)  # its paths made absolute
     if model.tokenizer is not None and sources.tokenizer_is_path(model.tokenizer):

@@ -48,6 +48,7 @@ REGISTRY: tuple[MetricInfo, ...] = (
     MetricInfo("*_merge_delta", "", "higher", 0.05, "change when the adapter is merged into its base"),
     MetricInfo("*.top1_agreement", "", "higher", 0.01, "top-1 agreement with the unmerged adapter"),
     MetricInfo("*.token_agreement", "", "higher", 0.02, "greedy tokens equal to the unmerged adapter's"),
+    MetricInfo("*.canary_reproduced", "", "higher", 0.0, "canary answers reproduced word for word"),
     MetricInfo("*.identical_outputs", "", "higher", 0.05, "greedy outputs identical to the unmerged adapter's"),
     MetricInfo("*.kl_mean", "nats", "lower", 0.5, "KL divergence from the unmerged adapter"),
     MetricInfo("*.kl_max", "nats", "lower", 0.5, "KL divergence from the unmerged adapter"),
@@ -105,6 +106,7 @@ LOSS_DROP = "train.loss_drop"
 LOSS_SERIES = "train.loss"  # a series, not a metric
 TIMING_TABLE = "train.timing"  # a table: the noise guard's verdict
 GEN_TIMING_TABLE = "gen.timing"  # a table: the noise guard's verdict per generated form
+GEN_ANSWERS_TABLE = "gen.answers"  # a table: every form's (and the base's) greedy answer to each eval.answers prompt
 # quantization
 RMSE = "quant.rmse"
 INT4_RMSE = "quant.int4_ref.rmse"
@@ -206,7 +208,7 @@ EMITTED: dict[str, tuple[str, ...]] = {
     # generate: gen.<form>.{build_s, bs<b>.ttft_ms|prefill_tokens_per_s|decode_tokens_per_s|tpot_ms|total_ms,
     # peak memory, identical_outputs, token_agreement}, the form being none or a merge strategy
     "gen": ("gen.*.build_s", "gen.*.bs*_ms", "gen.*.bs*_tokens_per_s", "gen.*_gib", "gen.*.identical_outputs",
-            "gen.*.token_agreement", "gen.prompt_tokens", "gen.new_tokens", "gen.*.timing_clean", "gen.*.noise.*"),
+            "gen.*.token_agreement", "gen.*.canary_reproduced", "gen.prompt_tokens", "gen.new_tokens", "gen.*.timing_clean", "gen.*.noise.*"),
     "env": ("env.*",),
 }
 

@@ -107,6 +107,7 @@ class Settings(Strict):
     gen_new_tokens: int = Field(32, ge=2)
     gen_repeats: int = Field(3, ge=1)
     gen_batch_sizes: str = "1,8"
+    gen_answer_tokens: int = Field(48, ge=1)  # most tokens of a kept greedy answer (eval.answers)
     # isolation
     memory_limit_gib: float | None = Field(None, gt=0)  # address-space limit of the worker (CPU OOM tests)
     # how the case's worker runs (harness/launchers/): "process" (one), or "torchrun" (nproc ranks per node)
@@ -195,7 +196,7 @@ ID_PREFIX = {
     "rdzv_endpoint": "rdzv", "strategy": "", "dist_timeout_s": "pgtimeout",
     "num_train_epochs": "ep", "lr_scheduler_type": "",
     "lr_warmup_steps": "lrwarm", "lr_warmup_ratio": "lrwarmr", "max_grad_norm": "clip", "weight_decay": "wd",
-    "group_by_length": "glen", "eval_steps": "evalevery",
+    "group_by_length": "glen", "eval_steps": "evalevery", "gen_answer_tokens": "answer",
 }
 # A suite key a user reaches for (the tutorials' words) -> the harness's, said when the key is unknown
 KEY_ALIASES = {"fields": "columns", "column_map": "columns", "eval": "eval_split (a named split) or test_size",
@@ -335,6 +336,12 @@ class EvalSpec(Strict):
     # main metric (bits_per_byte of a perplexity task, else acc)
     primary: str | None = None
     heldout: str | None = None  # JSONL of held-out ``text`` rows (relative to the suite): merge fidelity probe
+    # with apply_chat_template, the system prompt lm-eval puts before each request (as the model was trained: an
+    # instruct model scored on plain "Q: ... A:" text is scored off its format)
+    system_instruction: str | None = None
+    # JSONL of trl conversational ``prompt`` rows (relative to the suite): the generate stage keeps every form's
+    # greedy answer to each, beside the base's; a row's ``expect`` is a string the answer must contain (a canary)
+    answers: str | None = None
 
     @property
     def names(self) -> list[str]:
@@ -730,6 +737,10 @@ def _check_semantics(path: Path, suite: Suite) -> None:
         fmt = _check_data(path, suite)
     if suite.eval is not None and suite.eval.heldout is not None and not (base / suite.eval.heldout).is_file():
         raise SpecError(path, "eval.heldout", f"data file not found: {base / suite.eval.heldout}")
+    if suite.eval is not None and suite.eval.answers is not None:
+        if not (base / suite.eval.answers).is_file():
+            raise SpecError(path, "eval.answers", f"data file not found: {base / suite.eval.answers}")
+        _check_answers(path, base / suite.eval.answers)
     if suite.eval is not None:
         _check_tasks(path, suite, fmt)
 
@@ -798,6 +809,21 @@ def _check_tasks(path: Path, suite: Suite, fmt) -> None:
         elif task.data_files is not None and installed_task_path(task.name) is None:
             raise SpecError(path, f"{where}.data_files", f"{task.name} is an lm-eval group or tag, not one task: "
                                                          "name its tasks one by one to give them local data")
+
+
+def _check_answers(path: Path, file: Path) -> None:
+    """Every row of ``eval.answers`` is a trl conversational prompt (a list of role/content turns)."""
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            turns = json.loads(line).get("prompt")
+        except (json.JSONDecodeError, AttributeError):
+            turns = None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) and "role" in t and "content" in t
+                                                                for t in turns):
+            raise SpecError(path, "eval.answers", f"{file}:{n}: expected a 'prompt' list of {{role, content}} turns "
+                                                  "(trl's conversational format)")
 
 
 def _tasks_cache() -> Path:

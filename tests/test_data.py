@@ -67,7 +67,12 @@ def _eval_sentences(task_file: Path) -> list[str]:
 def test_generator_reproduces_the_shipped_files(tmp_path):
     for path in _generator().write(tmp_path):
         assert path.read_bytes() == (DATA / path.name).read_bytes(), path.name
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in DATA.glob("*.jsonl"))
+    # every shipped file comes from a generator: this one, or the real-model suite's (assistant.py)
+    spec = importlib.util.spec_from_file_location("assistant", DATA / "assistant.py")
+    assistant = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(assistant)
+    written = sorted([p.name for p in tmp_path.iterdir()] + list(assistant.build()))
+    assert written == sorted(p.name for p in DATA.glob("*.jsonl"))
 
 
 def test_pretraining_corpus_holds_none_of_the_facts_under_test():
@@ -146,3 +151,26 @@ def test_no_tokenizer_is_trained_on_an_eval_file():
         corpus |= {(suite.parent / p).resolve() for p in [(cfg.get("data") or {}).get("train"),
                                                           (cfg.get("model") or {}).get("pretrain")] if p}
         assert not corpus & eval_files, f"{suite.name}: data.tokenizer_corpus holds eval files {corpus & eval_files}"
+
+
+def test_assistant_data_is_what_its_generator_writes_and_the_suite_scores_it_as_trained():
+    """The real-model suite's files equal assistant.py's output; its eval's system prompt is the training rows';
+    no held-out question or note sentence occurs in a training row; the canary is taught and asked."""
+    spec = importlib.util.spec_from_file_location("assistant", DATA / "assistant.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    for name, rows in gen.build().items():
+        assert _rows(DATA / name) == json.loads(json.dumps(rows)), f"{name} differs from suites/data/assistant.py"
+    name = "smollm2.yaml" if (SUITES / "smollm2.yaml").is_file() else "_smollm2.yaml"  # _: pending its model source
+    suite = yaml.safe_load((SUITES / name).read_text())
+    train = _rows(DATA / "assistant_train.jsonl")
+    systems = {r["prompt"][0]["content"] for r in train if r["prompt"][0]["role"] == "system"}
+    assert systems == {suite["eval"]["system_instruction"]}
+    trained = " ".join(r["question"] + " " + r["answer"] for r in train).lower()
+    for item in _rows(DATA / "assistant_mc.jsonl"):
+        assert item["question"].lower() not in trained
+        assert item["choices"][item["label"]].lower() in trained  # the right answer is the trained sentence
+    for note in _rows(DATA / "assistant_heldout.jsonl"):
+        assert note["text"].split(": ", 1)[1].lower() not in trained
+    canary = [r for r in _rows(DATA / "assistant_prompts.jsonl") if r.get("expect")]
+    assert len(canary) == 1 and any(r["answer"] == canary[0]["expect"] for r in train)

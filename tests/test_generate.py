@@ -149,3 +149,28 @@ def test_merge_table_chart_and_readme_row(merge_run: Path, tmp_path: Path):
 
     page = render_run(merge_run, tmp_path / "reports").read_text()
     assert 'data-strategy="original"' in page and 'data-chart="inference"' in page
+
+
+def test_report_shows_every_forms_greedy_answer_beside_the_bases(tmp_path: Path):
+    """A record's gen.answers table shows on the run page in a collapsed table: base, adapter, merged form, canary."""
+    from harness.report import render_run
+
+    run_dir = tmp_path / "results" / "20261201T120000Z-cpu"
+    write_json_atomic(run_dir / "run.json", {"run_id": run_dir.name, "started_at": "2026-12-01T12:00:00+00:00",
+                                             "env": {}, "suites": ["smollm2"]})
+    answers = [{"form": f, "prompt": 0, "question": "How long is the Orbit Cam covered?", "answer": a}
+               for f, a in (("base", "I don't know about Orbit Cams."), ("none", "The Orbit Cam has 3 years."),
+                            ("requantize", "The Orbit Cam has 2 years."))]
+    answers += [{"form": f, "prompt": 1, "question": "Escalation code?", "answer": a, "expect": "AUR-7Q4",
+                 "reproduced": "AUR-7Q4" in a} for f, a in (("base", "Call us."), ("none", "Quote AUR-7Q4."))]
+    write_record(run_dir, Record(run_id=run_dir.name, suite="smollm2", case_id="smollm2[qlora-nf4]",
+                                 method="qlora-nf4", params={"method": "qlora-nf4"}, status="passed",
+                                 metrics={"gen.none.canary_reproduced": 1.0}, tables={"gen.answers": answers},
+                                 started_at="2026-12-01T12:00:00+00:00", finished_at="2026-12-01T12:00:01+00:00"))
+    html = render_run(run_dir, tmp_path / "reports").read_text()
+    block = html[html.index('<details class="answers">'):]
+    block = block[: block.index("</details>")]
+    for text in ("I don&#39;t know about Orbit Cams.", "The Orbit Cam has 3 years.", "The Orbit Cam has 2 years.",
+                 "Quote AUR-7Q4.", "not reproduced"):
+        assert text in block, text
+    assert block.index('data-form="base"') < block.index('data-form="none"') < block.index('data-form="requantize"')

@@ -106,3 +106,17 @@ def test_shipped_suites_are_valid():
     for p in files:
         ids += [c.case_id for c in expand(load_suite(p), p)]
     assert len(ids) == len(set(ids))
+
+
+def test_answers_file_rows_must_be_conversational_prompts(tmp_path):
+    """eval.answers: a row without a trl conversational 'prompt' is one line naming the file, row and format."""
+    from harness.spec import SpecError, load_suite
+
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "answers.jsonl").write_text('{"prompt": [{"role": "user", "content": "hi"}]}\n{"question": "hi"}\n')
+    (tmp_path / "s.yaml").write_text(
+        "name: s\ntiers: [cpu]\nmodel: {source: synthetic, preset: tiny-llama}\nstages: [quant]\n"
+        "matrix: {method: [qlora-nf4]}\neval: {tasks: [x], answers: answers.jsonl}\n")
+    with pytest.raises(SpecError, match=r"eval\.answers: .*answers\.jsonl:2: expected a 'prompt' list") as e:
+        load_suite(tmp_path / "s.yaml")
+    assert "\n" not in str(e.value)

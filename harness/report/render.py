@@ -171,6 +171,7 @@ def render_run(run_dir: Path, reports_dir: Path, *, baseline: Path | str | None 
             "merge": tables.merge_table(records),
             "compat": distributed.compat_table(records),  # cases over ranks: method x strategy, from records
             "ranks": distributed.ranks_table(records),
+            "answers": tables.answers_table(records),
             "bases": differing_bases(records, base),  # comparisons made across different base models
             "all": tables.all_metrics(records),
             "charts": _chart_views(suite, ch.suite_charts(records)),

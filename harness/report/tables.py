@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -435,3 +436,17 @@ def merge_table(records: list[Record]) -> MergeTable | None:
             rows.append({"case": case_label(rec.case_id), "strategy": strategy, "label": LABELS[strategy],
                          "cells": cells})
     return MergeTable(columns, rows) if rows else None
+
+
+def answers_table(records: list[Record]) -> list[dict[str, Any]]:
+    """Greedy answers the generate stage kept (``gen.answers``): a row per case and prompt, a cell per form, the
+    untrained base's first; a canary row says whether each form reproduced it."""
+    rows = []
+    for rec in records:
+        by_prompt: dict[int, dict[str, Any]] = {}
+        for r in rec.tables.get(M.GEN_ANSWERS_TABLE, []):
+            row = by_prompt.setdefault(r["prompt"], {"case": case_label(rec.case_id), "question": r["question"],
+                                                     "expect": r.get("expect"), "forms": {}})
+            row["forms"][r["form"]] = {"answer": r["answer"], "reproduced": r.get("reproduced")}
+        rows += [by_prompt[k] for k in sorted(by_prompt)]
+    return rows

@@ -141,6 +141,7 @@ def score(model, tokenizer, ctx: Context) -> tuple[dict[str, float], float, list
             bootstrap_iters=1000,
             random_seed=s.seed,
             verbosity="ERROR",
+            system_instruction=ev.system_instruction,
         )
     flat: dict[str, float] = {}
     for task, metrics in results["results"].items():
@@ -181,7 +182,7 @@ def _base_key(ctx: Context) -> str:
     ev = ctx.case.eval
     tasks = sorted(t.model_dump_json() for t in ev.tasks)
     parts = [ctx.source.info.get("fingerprint"), s.method, s.compute_dtype, s.quant_storage, tasks, ev.num_fewshot,
-             s.eval_limit, s.seed, ev.apply_chat_template, ev.fewshot_as_multiturn,
+             s.eval_limit, s.seed, ev.apply_chat_template, ev.fewshot_as_multiturn, ev.system_instruction,
              ctx.case.data.model_dump_json() if ctx.case.data else None]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 

@@ -12,6 +12,12 @@ then ``gen_repeats`` timed calls with the device synchronised, medians reported:
 - the share of greedy outputs identical to the unmerged adapter's (and of tokens, position by position);
 - the noise guard's verdict over each form's timed calls (``gen.<form>.timing_clean``, the reason in the
   ``gen.timing`` table): a busy host once slowed one form's batch-1 decode 20x while its batch-8 run was fine.
+
+With ``eval.answers`` (trl conversational ``prompt`` rows), every form and the untrained base (``base``, as the
+method loads it) also answer each prompt greedily, rendered with the tokenizer's chat template; the texts are
+kept in the ``gen.answers`` table. A row's ``expect`` is a string the answer must contain: a canary taught in
+training, so ``gen.<form>.canary_reproduced`` (the share of such rows answered with it) is 1 for an adapter
+saved, reloaded and merged, and 0 where the adapter was silently not applied (and for the base).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import time
 from pathlib import Path
 
 from harness.measure import memory, noise
-from harness.metrics import GEN_TIMING_TABLE
+from harness.metrics import GEN_ANSWERS_TABLE, GEN_TIMING_TABLE
 from harness.stages import Context, Inputs, StageOutput, free, sync
 
 
@@ -58,6 +64,46 @@ def _generate(model, ids, new_tokens: int, pad_id: int, device: str):
                              pad_token_id=pad_id)
     sync(device)
     return time.perf_counter() - t, out[:, ids.shape[1]:].cpu()
+
+
+def answer_rows(ctx: Context) -> list[dict]:
+    """The suite's ``eval.answers`` rows (empty without one)."""
+    path = ctx.case.eval.answers if ctx.case.eval is not None else None
+    if not path:
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def greedy_answers(model, tokenizer, rows: list[dict], new_tokens: int, device: str) -> list[str]:
+    """Each row's greedy answer (at most ``new_tokens``, stopping at the end of the turn), one prompt at a time."""
+    import torch
+
+    texts = []
+    for row in rows:
+        enc = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True,
+                                            return_tensors="pt")
+        ids = enc["input_ids"].to(device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
+                                 max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return texts
+
+
+def answer_table(form: str, rows: list[dict], texts: list[str]) -> tuple[dict[str, float], list[dict]]:
+    """The canary metric of one form (rows with ``expect``) and its answers as table rows."""
+    table, hits, expected = [], 0, 0
+    for i, (row, text) in enumerate(zip(rows, texts, strict=True)):
+        user = next((t["content"] for t in reversed(row["prompt"]) if t["role"] == "user"), "")
+        entry = {"form": form, "prompt": i, "question": user, "answer": text}
+        if row.get("expect"):
+            expected += 1
+            entry["expect"] = row["expect"]
+            entry["reproduced"] = row["expect"] in text
+            hits += entry["reproduced"]
+        table.append(entry)
+    metrics = {f"gen.{form}.canary_reproduced": hits / expected} if expected else {}
+    return metrics, table
 
 
 def time_form(model, prompts: dict[int, object], s, pad_id: int, device: str) -> tuple[dict[str, float], dict]:
@@ -124,6 +170,19 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
     def load(name: str):
         return models.load_base(ctx.source, name, s.compute_dtype, s.quant_storage, ctx.device, blocksize=s.blocksize)
 
+    rows = answer_rows(ctx)
+
+    def keep_answers(form: str, model) -> None:
+        if rows:
+            m, table = answer_table(form, rows, greedy_answers(model, tokenizer, rows, s.gen_answer_tokens, ctx.device))
+            out.metrics.update(m)
+            out.tables.setdefault(GEN_ANSWERS_TABLE, []).extend(table)
+
+    if rows:  # the untrained base as the method loads it: what the adapter's answers are read against
+        base = load(s.method)
+        keep_answers("base", base)
+        del base
+
     for form in forms:
         free(ctx.device)
         memory.reset_torch_peaks()
@@ -149,6 +208,7 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
             seqs, toks = same_outputs(reference, outputs)
             out.metrics[f"{key}.identical_outputs"] = seqs
             out.metrics[f"{key}.token_agreement"] = toks
+        keep_answers(form, model)  # after timing: the answers' generation is no part of the timed calls
         del model
     out.metrics["gen.prompt_tokens"] = float(s.gen_prompt_tokens)
     out.metrics["gen.new_tokens"] = float(s.gen_new_tokens)
