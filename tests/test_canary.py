@@ -11,11 +11,10 @@ import json
 
 import pytest
 import torch
+from test_methods import tiny  # noqa: E402
 
 from harness.methods import merge
 from harness.models import build_on_device, train_tokenizer
-
-from test_methods import tiny  # noqa: E402
 
 METHOD = "lora-bf16"
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
