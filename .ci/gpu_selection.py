@@ -63,14 +63,14 @@ def derive(name: str, restrict: dict, settings: dict, stages, timeout_s: int, cp
     if stages:
         suite["stages"] = stages
     suite["timeout_s"] = timeout_s
-    kept = set(matrix.get("method", [suite["settings"].get("method")]))
-
-    def selects_kept(e: dict) -> bool:  # an expectation about a method the cut-down matrix left out goes too
-        named = [e.get("method"), e.get("against")] + [(e.get(k) or {}).get("method") for k in
-                                                       ("numerator", "denominator", "where")]
-        for m in named:
-            if m is not None and not set([m] if isinstance(m, str) else m) & kept:
-                return False
+    def selects_kept(e: dict) -> bool:  # an expectation selecting only cases the cut-down matrix left out goes too
+        selectors = [e.get(k) or {} for k in ("where", "numerator", "denominator")]
+        selectors += [{"method": e[k]} for k in ("method", "against") if e.get(k) is not None]
+        for selector in selectors:
+            for key, want in selector.items():
+                have = matrix.get(key, [suite["settings"][key]] if key in suite["settings"] else None)
+                if have is not None and not set(want if isinstance(want, list) else [want]) & set(have):
+                    return False
         return True
 
     suite["expectations"] = [e for e in suite.get("expectations", [])

@@ -272,7 +272,7 @@ def test_the_compatibility_table_and_per_rank_table_come_from_the_records(tmp_pa
 
 @pytest.mark.parametrize("change, words", [
     ("launcher: torchrun", "settings.launcher: unknown launcher 'mpirun' (expected one of process, torchrun)"),
-    ("nproc: 2", "matrix: dist[qlora-nf4-dq-fsdp2]: launcher 'process' runs one process (nproc 2, nnodes 1): "
+    ("launcher: torchrun, nproc: 2", "matrix: dist[qlora-nf4-dq-fsdp2]: launcher 'process' runs one process (nproc 2, nnodes 1): "
                  "set launcher: torchrun"),
 ])
 def test_a_suite_whose_launcher_cannot_run_it_fails_collection_in_one_line(tmp_path, change, words):

@@ -94,10 +94,12 @@ def test_the_report_names_comparisons_whose_bases_differ():
 
 
 def test_the_run_page_flags_a_suite_whose_bases_differ(tmp_path):
-    from harness.records import write_record
+    from harness.records import write_json_atomic, write_record
     from harness.report.render import render_run
 
     run_dir = tmp_path / "results" / "r"
+    write_json_atomic(run_dir / "run.json", {"run_id": "r", "started_at": "2026-12-01T00:00:00+00:00", "env": {},
+                                             "suites": ["smoke"]})
     for r in [_record("lora-bf16", "aaaa1111"), _record("qlora-nf4", "bbbb2222")]:
         write_record(run_dir, r)
     page = render_run(run_dir, tmp_path / "reports").read_text()

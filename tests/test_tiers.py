@@ -72,7 +72,10 @@ def test_xdist_workers_write_one_run(project):
 
 
 @pytest.mark.parametrize("workerid, count, env, pinned", [
-    ("gw0", 4, {}, "0"), ("gw5", 4, {}, "1"), ("gw1", 1, {}, None), ("gw1", 4, {"CUDA_VISIBLE_DEVICES": "2,3"}, None),
+    ("gw0", 4, {}, "0"), ("gw5", 4, {}, "1"), ("gw1", 1, {}, None),
+    # within the devices the user listed (issue 23: pinning did nothing with CUDA_VISIBLE_DEVICES set)
+    ("gw1", 4, {"CUDA_VISIBLE_DEVICES": "2,3"}, "3"), ("gw2", 4, {"CUDA_VISIBLE_DEVICES": "2,3"}, "2"),
+    ("gw1", 4, {"CUDA_VISIBLE_DEVICES": "3"}, None),
 ])
 def test_xdist_workers_are_pinned_round_robin(workerid, count, env, pinned):
     from harness.plugin import pin_worker_gpu

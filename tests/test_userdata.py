@@ -221,7 +221,7 @@ def test_the_training_model_keeps_its_4bit_layout_through_eval_forwards(tmp_path
     import bitsandbytes as bnb
     import torch
 
-    from harness.stages import keep_layout
+    from harness.methods.bnb4bit import keep_layout
 
     def layer():
         lin = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")

@@ -106,10 +106,12 @@ class FourBit(Method):
     def prepare_for_training(self, model, settings):
         from peft import prepare_model_for_kbit_training
 
-        return prepare_model_for_kbit_training(
+        model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        model.harness_repack_guarded = keep_layout(model)  # the train stage's note says so when it evaluates
+        return model
 
     def quantized_codes(self, model) -> dict:
         """One 4-bit code per weight (two per packed byte) of every quantized linear, to count what a merge changed."""
@@ -146,3 +148,19 @@ METHODS = (
     _method("qlora-fp4", "fp4", False, "QLoRA, FP4", "#dd8452"),
     _method("qlora-fp4-dq", "fp4", True, "QLoRA, FP4 + double quantization", "#b3501b"),
 )
+
+
+def keep_layout(model) -> int:
+    """Turn off bitsandbytes' CPU repack of 4-bit weights in a model that will train; the modules it applies to.
+
+    On an avx512-bf16 CPU, bitsandbytes 0.50 repacks a ``Linear4bit`` weight in place on its first forward in eval
+    mode without grad (the trainer's evaluation, a probe): training then runs through ``gemv_4bit``, which has
+    no autograd kernel (about 10x slower, the loss flat, a warning only) and a state dict read after it is garbage.
+    With the module's ``support_avx512bf16_for_cpu`` off, every forward keeps the layout training uses.
+    """
+    n = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n

@@ -107,25 +107,9 @@ def lora_config(settings):
     )
 
 
-def keep_layout(model) -> int:
-    """Turn off bitsandbytes' CPU repack of 4-bit weights in a model that will train; the modules it applies to.
-
-    On an avx512-bf16 CPU, bitsandbytes 0.50 repacks a ``Linear4bit`` weight in place on its first forward in eval
-    mode without grad (the trainer's evaluation, a probe): training then runs through ``gemv_4bit``, which has
-    no autograd kernel (about 10x slower, the loss flat, a warning only) and a state dict read after it is garbage.
-    With the module's ``support_avx512bf16_for_cpu`` off, every forward keeps the layout training uses.
-    """
-    n = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
-
-
 def load_for_training(ctx: Context):
-    """The method's base, prepared by the method (``prepare_model_for_kbit_training`` for kbit bases), with LoRA;
-    4-bit weights kept in the layout training uses (``keep_layout``), whatever forwards run before or during it."""
+    """The method's base, prepared by the method (``prepare_model_for_kbit_training`` for kbit bases; a 4-bit base
+    keeps the weight layout training uses, whatever forwards run before or during it), with LoRA."""
     from peft import get_peft_model
 
     from harness import models
@@ -133,6 +117,4 @@ def load_for_training(ctx: Context):
     s = ctx.case.settings
     model = models.load_base(ctx.source, s.method, s.compute_dtype, s.quant_storage, ctx.device, blocksize=s.blocksize)
     model = methods.get(s.method).prepare_for_training(model, s)
-    model = get_peft_model(model, lora_config(s))
-    model.harness_repack_guarded = keep_layout(model)
-    return model
+    return get_peft_model(model, lora_config(s))

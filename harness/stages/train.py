@@ -248,9 +248,9 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
     trainer.data_collator = counter
     if evaluating and getattr(model, "harness_repack_guarded", 0):
         # the trap the user's settings would fall into elsewhere: say so, once, in the record and the log
-        note = (f"eval_steps on an avx512-bf16 CPU: bitsandbytes would repack {model.harness_repack_guarded} 4-bit "
+        note = (f"eval_steps on an avx512-bf16 CPU: the 4-bit kernels would repack {model.harness_repack_guarded} "
                 "weights in place on the first eval forward (training then runs without autograd, 10x slower, "
-                "loss flat); the harness kept their layout (harness.stages.keep_layout)")
+                "loss flat); the harness kept their layout (the method's keep_layout)")
         out.tables["train.notes"] = [{"note": note}]
         print(note, flush=True)
     measure = _callback(ctx, counter, sampler, s.warmup_steps)
