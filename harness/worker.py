@@ -377,7 +377,13 @@ def _guard_parent() -> None:
     if not parent:
         return
 
+    me = os.getpid()
+
     def end_group(*_):
+        if os.getpid() != me:  # a forked child (a library's process pool) inherited this handler: a pool ends its
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # workers with SIGTERM, which must end that child alone,
+            os.kill(os.getpid(), signal.SIGTERM)  # not the whole group, the worker included
+            return
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
     signal.signal(signal.SIGTERM, end_group)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +56,28 @@ def test_hung_case_is_killed_after_its_timeout(project):
 ])
 def test_oom_classification(exc, oom):
     assert is_oom(exc) is oom
+
+
+def test_a_forked_child_ended_by_sigterm_does_not_take_the_worker_with_it(tmp_path):
+    """A library's process pool (datasets, multiprocess) forks children that inherit the worker's SIGTERM handler
+    and ends them with SIGTERM: that must end the child alone. It ended the whole process group, the worker
+    included, which the case then recorded as 'killed with SIGKILL from outside' (your-data in CI)."""
+    import subprocess
+    import sys
+
+    from harness import worker
+
+    script = tmp_path / "w.py"
+    script.write_text(
+        "import multiprocessing as mp, os, sys\n"
+        "from harness import worker\n"
+        "worker._guard_parent()\n"
+        "pool = mp.get_context('fork').Pool(1)\n"
+        "pool.apply(os.getpid)\n"
+        "pool.terminate(); pool.join()\n"  # SIGTERM to the pool's forked child
+        "print('alive'); sys.exit(0)\n")
+    root = str(Path(worker.__file__).resolve().parents[1])  # this checkout's harness, in the child too
+    env = {**os.environ, worker.PARENT_ENV: str(os.getpid()), "PYTHONPATH": root}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120,
+                          start_new_session=True)
+    assert proc.returncode == 0 and "alive" in proc.stdout, (proc.returncode, proc.stderr[-500:])
