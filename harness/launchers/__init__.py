@@ -14,25 +14,14 @@ optimum-benchmark's ``launchers/`` (inline, process, torchrun) is the model.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from harness import registry
 from harness.launchers.base import Launcher
 
 __all__ = ["LAUNCHERS", "Launcher", "get", "names"]
 
 
 def _discover() -> dict[str, Launcher]:
-    found: dict[str, Launcher] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name.startswith("_") or info.name in ("base", "agent"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for launcher in getattr(module, "LAUNCHERS", ()):
-            if launcher.name in found:
-                raise ImportError(f"launcher {launcher.name!r} is defined twice ({module.__name__})")
-            found[launcher.name] = launcher
-    return found
+    return registry.discover(__name__, __path__, "LAUNCHERS", "launcher", skip=("base", "agent"))
 
 
 LAUNCHERS: dict[str, Launcher] = _discover()
@@ -40,10 +29,7 @@ LAUNCHERS: dict[str, Launcher] = _discover()
 
 def get(name: str) -> Launcher:
     """The registered launcher called ``name``; a ValueError listing the known ones otherwise."""
-    try:
-        return LAUNCHERS[name]
-    except KeyError:
-        raise ValueError(f"unknown launcher {name!r} (expected one of {', '.join(LAUNCHERS)})") from None
+    return registry.lookup(LAUNCHERS, name, "launcher")
 
 
 def names() -> list[str]:

@@ -16,9 +16,7 @@ Nothing outside this package imports a quantization library or branches on a met
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from harness import registry
 from harness.methods.base import DTYPE_BYTES, Method, RoundTrip, Storage, nbytes, torch_dtype
 
 __all__ = ["DTYPE_BYTES", "METHODS", "Method", "RoundTrip", "Storage", "get", "names", "nbytes",
@@ -26,16 +24,7 @@ __all__ = ["DTYPE_BYTES", "METHODS", "Method", "RoundTrip", "Storage", "get", "n
 
 
 def _discover() -> dict[str, Method]:
-    found: dict[str, Method] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name.startswith("_") or info.name == "base":
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for method in getattr(module, "METHODS", ()):
-            if method.name in found:
-                raise ImportError(f"method {method.name!r} is defined twice ({module.__name__})")
-            found[method.name] = method
-    return found
+    return registry.discover(__name__, __path__, "METHODS", "method", skip=("base",))
 
 
 _ORDER = ("lora-bf16", "qlora-nf4", "qlora-nf4-dq", "qlora-fp4", "qlora-fp4-dq")  # the paper's five first
@@ -49,10 +38,7 @@ REFERENCE = "lora-bf16"  # what every other method is compared with unless a sui
 
 def get(name: str) -> Method:
     """The registered method called ``name``; a ValueError listing the known ones otherwise."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r} (expected one of {', '.join(METHODS)})") from None
+    return registry.lookup(METHODS, name, "method")
 
 
 def names() -> list[str]:

@@ -14,11 +14,10 @@ Every source gets the suite's loading options (``model.tokenizer``, ``attn_imple
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness import registry
 from harness.sources.base import ModelSource, Source, SourceError, cache_dir, fingerprint
 
 if TYPE_CHECKING:
@@ -29,16 +28,7 @@ __all__ = ["SOURCES", "ModelSource", "Source", "SourceError", "cache_dir", "fing
 
 
 def _discover() -> dict[str, ModelSource]:
-    found: dict[str, ModelSource] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name.startswith("_") or info.name == "base":
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for source in getattr(module, "SOURCES", ()):
-            if source.name in found:
-                raise ImportError(f"model source {source.name!r} is defined twice ({module.__name__})")
-            found[source.name] = source
-    return found
+    return registry.discover(__name__, __path__, "SOURCES", "model source", skip=("base",))
 
 
 SOURCES: dict[str, ModelSource] = _discover()
@@ -46,10 +36,7 @@ SOURCES: dict[str, ModelSource] = _discover()
 
 def get(name: str) -> ModelSource:
     """The registered source called ``name``; a ValueError listing the known ones otherwise."""
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise ValueError(f"unknown model source {name!r} (expected one of {', '.join(SOURCES)})") from None
+    return registry.lookup(SOURCES, name, "model source")
 
 
 def names() -> list[str]:
