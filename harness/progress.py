@@ -70,6 +70,7 @@ class Progress:
     started: dict[str, float] = field(default_factory=dict)  # node id -> monotonic start
     took: dict[str, float] = field(default_factory=dict)  # node id -> seconds
     clock: object = time.monotonic
+    suite_of: object = None  # case id -> suite name: a case never measured before takes its suite's finished ones
 
     @classmethod
     def plan(cls, cases: dict[str, str], results_dir: Path, suite_of, workers: int = 1) -> Progress:
@@ -81,7 +82,7 @@ class Progress:
         for cid in cases.values():
             if cid not in est and by_suite.get(suite_of(cid)):
                 est[cid] = statistics.median(by_suite[suite_of(cid)])
-        return cls(cases, est, max(1, workers))
+        return cls(cases, est, max(1, workers), suite_of=suite_of)
 
     def _pace(self) -> float:
         """The median of the finished cases' seconds over their estimates, from PACE_AFTER finished cases on (1
@@ -91,17 +92,34 @@ class Progress:
             return 1.0
         return min(3.0, max(0.5, statistics.median(ratios)))
 
+    def _session_estimate(self, cid: str) -> float | None:
+        """For a case no earlier record knows: the median of this session's finished cases of its suite that no
+        earlier record knew either (their own pace, so not scaled again)."""
+        if self.suite_of is None:
+            return None
+        suite = self.suite_of(cid)
+        done = [s for n, s in self.took.items()
+                if self.cases[n] not in self.estimates and self.suite_of(self.cases[n]) == suite]
+        return statistics.median(done) if done else None
+
+    def estimate_s(self, cid: str) -> float | None:
+        """Seconds this case should take: earlier records at this machine's pace, else this session's own."""
+        if cid in self.estimates:
+            return self.estimates[cid] * self._pace()
+        return self._session_estimate(cid)
+
     def left_s(self) -> tuple[float, int]:
         """(seconds left over every unfinished case, cases without an estimate)."""
-        now, pace, left, unknown = self.clock(), self._pace(), 0.0, 0
+        now, left, unknown = self.clock(), 0.0, 0
         for node, cid in self.cases.items():
             if node in self.took:
                 continue
-            if cid not in self.estimates:
+            est = self.estimate_s(cid)
+            if est is None:
                 unknown += 1
                 continue
             spent = now - self.started[node] if node in self.started else 0.0
-            left += max(0.0, self.estimates[cid] * pace - spent)
+            left += max(0.0, est - spent)
         return left / self.workers, unknown
 
     def headline(self) -> str:
@@ -120,9 +138,13 @@ class Progress:
         self.started[node] = self.clock()
         cid = self.cases[node]
         n = list(self.cases).index(node) + 1 if self.workers == 1 else len(self.started)
-        this = f"about {minutes(self.estimates[cid] * self._pace())}" if cid in self.estimates else "no estimate"
+        est = self.estimate_s(cid)
+        this = f"about {minutes(est)}" if est is not None else "no estimate (never run before)"
         left, unknown = self.left_s()
-        rest = f"about {minutes(left)} left" + (f" (+{unknown} cases without an estimate)" if unknown else "")
+        if unknown == len(self.cases) - len(self.took):  # nothing left can be estimated: no "about 0 s left"
+            rest = f"{unknown} case{'s' if unknown > 1 else ''} left, none measured before"
+        else:
+            rest = f"about {minutes(left)} left" + (f" (+{unknown} without an estimate)" if unknown else "")
         return f"qlora-harness [{n}/{len(self.cases)}] {cid}: {this}; {rest}"
 
     def finish(self, node: str) -> None:
