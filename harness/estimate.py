@@ -347,8 +347,9 @@ def preset_for(model: str) -> Preset:
             import shutil
             import tempfile
 
-            folder = Path(tempfile.mkdtemp(prefix="estimate-"))
-            shutil.copy(path, folder / "config.json")
+            with tempfile.TemporaryDirectory(prefix="estimate-") as tmp:  # read, then gone: nothing left in /tmp
+                shutil.copy(path, Path(tmp) / "config.json")
+                return _read_config(Path(tmp), model)
         return _read_config(folder, model)
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -109,3 +109,20 @@ def test_readme_shows_what_the_command_prints(capsys):
     block = re.search(r"```\n\$ python -m harness estimate (.*?)\n(.*?)```", text, re.S)
     assert main(["estimate", *block[1].split()]) == 0
     assert capsys.readouterr().out == block[2]
+
+
+def test_a_config_file_under_another_name_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch, capsys):
+    """A bare ``llama.json`` is read through a copy named config.json: that copy is gone afterwards (it was left
+    in /tmp, one folder per call)."""
+    import tempfile
+
+    from harness import presets
+
+    presets.PRESETS["tiny-llama"].hf_config().save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "config.json").rename(tmp_path / "llama.json")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert main(["estimate", str(tmp_path / "llama.json")]) == 0
+    assert "total" in capsys.readouterr().out.lower()
+    assert list(scratch.iterdir()) == []
