@@ -102,6 +102,9 @@ class Settings(Strict):
     merge: bool = True  # also score the adapter merged into its base
     # how it is merged: a comma list of requantize, dequantize, original, or "all" (harness/methods/merge.py)
     merge_strategy: str = "requantize"
+    # score each merged form with lm-eval too (false: only its agreement with the unmerged adapter on held-out
+    # text, kl/top-1, and the generate stage's canary; a merged lm-eval pass costs as much as the adapter's)
+    score_merged: bool = True
     # generate stage: fixed prompt and output lengths, timed repeats (median), batch sizes
     gen_prompt_tokens: int = Field(32, ge=1)
     gen_new_tokens: int = Field(32, ge=2)
@@ -512,6 +515,10 @@ class Suite(Strict):
             raise ValueError("stage 'eval' scores a trained adapter: add stage 'train'")
         if "generate" in self.stages and "train" not in self.stages:
             raise ValueError("stage 'generate' times a trained adapter: add stage 'train'")
+        if (self.settings.get("score_merged") is False and self.settings.get("merge", True) and self.eval is not None
+                and not self.eval.heldout):
+            raise ValueError("settings.score_merged: false leaves the merged form's agreement with the adapter as its "
+                             "only eval measure: it needs eval.heldout (a JSONL of held-out text rows)")
         return self
 
 

@@ -122,3 +122,27 @@ def test_scores_are_float32_log_likelihoods(tmp_path):
     # once here: 6405.99976), so both adapters must miss the grid for the test to fail
     assert max(abs(t - round(t)) for t in totals) > 1e-3, totals
     assert totals[0] != totals[1]
+
+
+@pytest.mark.slow
+def test_score_merged_false_keeps_the_agreement_and_skips_the_merged_lm_eval_pass(pytester, tmp_path_factory,
+                                                                                monkeypatch):
+    """``score_merged: false``: the merged form is still built, saved and compared with the unmerged adapter on
+    held-out text (kl, top-1), but lm-eval does not score it (a pass as long as the adapter's own)."""
+    import shutil
+
+    monkeypatch.setenv("QLORA_HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    suites = pytester.path / "suites"
+    suites.mkdir()
+    shutil.copytree(SUITES / "data", suites / "data")
+    shutil.copytree(SUITES / "tasks", suites / "tasks")
+    suite = SUITE.replace("max_steps: 12", "max_steps: 12, score_merged: false").replace("eval_limit: 12", "eval_limit: 4")
+    (suites / "ev.yaml").write_text(suite.replace("tasks: [support_mc, support_ppl]",
+                                                  "tasks: [support_mc]\n  heldout: data/support_heldout.jsonl"))
+    pytester.runpytest_subprocess("suites/", "--run-id", "ev", "--no-report").assert_outcomes(passed=1)
+    rec = json.loads((pytester.path / "results" / "ev" / "ev__qlora-nf4-dq.json").read_text())
+    m = rec["metrics"]
+    assert "eval.support_mc.acc" in m and "eval.support_mc.base_acc" in m
+    assert not [k for k in m if k.startswith("eval.support_mc.merged") or k.endswith("_merge_delta")]
+    assert "eval.items.merged" not in rec["tables"]
+    assert m["eval.merge.requantize.top1_agreement"] > 0 and "eval.merge.requantize.kl_mean" in m

@@ -76,6 +76,8 @@ def test_good_suite_loads(suite_dir):
         (("source: synthetic, preset: tiny-llama", "source: synthetic, preset: gpt-9"), "model: unknown preset 'gpt-9'"),
         (("settings: {seq_len: 64}", "settings: {merge_strategy: dequant}"), "settings.merge_strategy: merge_strategy 'dequant': expected 'all' or a comma list of requantize, dequantize, original"),
         (("stages: [quant, train]", "stages: [quant, generate]"), "stage 'generate' times a trained adapter: add stage 'train'"),
+        (("stages: [quant, train]\nsettings: {seq_len: 64}", "stages: [train, eval]\neval: {tasks: [t]}\nsettings: {score_merged: false}"),
+         "settings.score_merged: false leaves the merged form's agreement with the adapter as its only eval measure: it needs eval.heldout"),
     ],
 )
 def test_mistakes_give_one_line(suite_dir, change, expected):

@@ -353,14 +353,16 @@ def _merged(ctx: Context, strategy: str, adapter: Path, tokenizer, texts, refere
     if reference is not None:
         other = next_token_logprobs(merged, tokenizer, texts, ctx.device)
         m.update({f"{key}.{k}": v for k, v in agreement(reference, other).items()})
-    mflat, seconds, items = score(merged, tokenizer, ctx)
     name = merged_variant(strategy)
-    m.update(_prefixed(mflat, name))
-    m[f"eval.{name}_s"] = seconds
-    suffix = "merge_delta" if strategy == "requantize" else f"{strategy}_merge_delta"
-    both = {**scored, **m}  # the unmerged adapter's scores beside the merged form's
-    _deltas(both, flat, name, suffix, -1)
-    m.update({k: v for k, v in both.items() if k.endswith(f"_{suffix}")})
+    items: list[dict] = []
+    if ctx.case.settings.score_merged:
+        mflat, seconds, items = score(merged, tokenizer, ctx)
+        m.update(_prefixed(mflat, name))
+        m[f"eval.{name}_s"] = seconds
+        suffix = "merge_delta" if strategy == "requantize" else f"{strategy}_merge_delta"
+        both = {**scored, **m}  # the unmerged adapter's scores beside the merged form's
+        _deltas(both, flat, name, suffix, -1)
+        m.update({k: v for k, v in both.items() if k.endswith(f"_{suffix}")})
     del merged
     free(ctx.device)
     return m, name, items
@@ -404,6 +406,7 @@ def run(ctx: Context, inputs: Inputs) -> StageOutput:
         for strategy in strategies:
             m, name, items = _merged(ctx, strategy, adapter, tokenizer, texts, reference, flat, out.metrics)
             out.metrics.update(m)
-            out.tables[f"eval.items.{name}"] = items  # per-item rows for the paired bootstrap
+            if items:
+                out.tables[f"eval.items.{name}"] = items  # per-item rows for the paired bootstrap
     free(ctx.device)
     return out
