@@ -123,7 +123,29 @@ def expand(suite: Suite, path: Path | str) -> list[Case]:
         )
     _check_ratios(suite, cases, path)
     _check_selections(suite, cases, path)
+    _check_slice(suite, cases, path)
     return cases
+
+
+def _check_slice(suite: Suite, cases: list[Case], path: Path) -> None:
+    """``slice:`` must name valid settings and select cases (a slice of nothing would run nothing of the suite)."""
+    if not suite.slice:
+        return
+    for key, want in suite.slice.items():
+        for value in want if isinstance(want, list) else [want]:
+            try:
+                Settings.model_validate({key: value})
+            except ValidationError as exc:
+                errs = [e for e in exc.errors() if e["loc"][:1] == (key,)]
+                if errs:
+                    raise SpecError(path, f"slice.{key}", _message(errs[0])) from None
+    if not any(matches(c, suite.slice, collecting=True) for c in cases):
+        raise SpecError(path, "slice", f"{short(suite.slice)} selects no case of the matrix")
+
+
+def in_slice(case: Case, suite: Suite) -> bool:
+    """True when a run of fewer seeds takes this case (the suite has no slice, or the slice selects it)."""
+    return not suite.slice or matches(case, suite.slice, collecting=True)
 
 
 def _check_selections(suite: Suite, cases: list[Case], path: Path) -> None:

@@ -203,11 +203,14 @@ def _load_extended(ref: str | None, results: Path) -> tuple[str, dict]:
 
 
 def _first_seeds(items, n: int | None) -> None:
-    """``--seeds N``: deselect the cases of a replicated suite past its first N seeds (in place)."""
+    """``--seeds N``: deselect the cases of a replicated suite past its first N seeds, and those outside a suite's
+    ``slice:`` (in place)."""
     if n is None:
         return
-    later = [i for i in items if isinstance(i, CaseItem) and "seed" in i.case.axes
-             and i.case.axes["seed"] - int(i.suite.settings.get("seed") or 0) >= n]
+    from harness.matrix import in_slice
+
+    later = [i for i in items if isinstance(i, CaseItem) and (("seed" in i.case.axes
+             and i.case.axes["seed"] - int(i.suite.settings.get("seed") or 0) >= n) or not in_slice(i.case, i.suite))]
     if later:
         gone = set(later)
         items[:] = [i for i in items if i not in gone]
@@ -311,8 +314,8 @@ class _ProgressHooks:
         auto = self.config.getoption("seeds") == "auto"
         seeds = ("every seed of replicated suites" if run.seeds is None else
                  f"{'the first ' if run.seeds > 1 else ''}{run.seeds} seed{'s' if run.seeds > 1 else ''} of each "
-                 f"replicated suite ({'the ' + run.tier + ' tier' + chr(39) + 's default' if auto else '--seeds'}; "
-                 "--seeds all runs every seed)")
+                 f"replicated suite, the slice: of a suite that has one ({'the ' + run.tier + ' tier' + chr(39) + 's default' if auto else '--seeds'}; "
+                 "--seeds all runs every seed and case)")
         if cases:
             self._write(f"{self.progress.headline()}; {seeds}")
 

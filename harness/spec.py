@@ -488,6 +488,10 @@ class Suite(Strict):
     order: Literal["blocks", "file"] = "blocks"
     reference: str = "lora-bf16"  # the method differences and ratios are taken against
     timeout_s: float = Field(1800, gt=0)  # per case; a hung worker is killed after this
+    # the cases a run of fewer seeds takes (--seeds N, and the cpu tier's default of one): a selector like an
+    # expectation's where:, e.g. {method: [lora-bf16, qlora-nf4-dq]}, for a suite too long to run whole in a
+    # first run; --seeds all runs the whole matrix
+    slice: dict[str, Scalar | list[Scalar]] = {}
 
     @field_validator("matrix")
     @classmethod

@@ -228,7 +228,8 @@ def test_the_cpu_tier_runs_one_seed_by_default_and_every_case_says_how_long_is_l
     first = project.runpytest_subprocess("suites/", "-q", "--run-id", "first", "--no-report")
     first.assert_outcomes(passed=2, deselected=4)
     out = first.stdout.str()
-    assert "1 seed of each replicated suite (the cpu tier's default; --seeds all runs every seed)" in out
+    assert ("1 seed of each replicated suite, the slice: of a suite that has one (the cpu tier's default; --seeds all "
+            "runs every seed and case)") in out
     assert "qlora-harness [1/2] q[qlora-nf4-seed0]: no estimate" in out  # nothing measured before
     assert "qlora-harness [2/2] q[qlora-fp4-seed0]" in out
     for path in (project.path / "results" / "first").glob("q__*.json"):  # pretend each case took ten minutes
@@ -244,3 +245,21 @@ def test_the_cpu_tier_runs_one_seed_by_default_and_every_case_says_how_long_is_l
     bad = project.runpytest_subprocess("suites/", "--seeds", "none", "--collect-only")
     assert bad.ret != 0
     bad.stderr.fnmatch_lines(["ERROR: --seeds 'none': expected all, auto or a number of seeds (1 or more)"])
+
+
+def test_a_suite_slice_is_what_a_one_seed_run_takes_and_seeds_all_runs_the_rest(project):
+    """``slice:`` names the cases a run of fewer seeds takes (the cpu tier's default, CI); ``--seeds all`` runs the
+    whole matrix. A slice that selects nothing is refused at collection with one line."""
+    suite = QUANT_SUITE.split("expectations:")[0] + "timeout_s: 300\nslice: {method: qlora-nf4}\n"
+    (project.path / "suites" / "q.yaml").write_text(suite)
+    ids = project.runpytest_subprocess("suites/", "--collect-only", "-q", "--no-report")
+    ids.stdout.fnmatch_lines(["*q[[]qlora-nf4[]]*"])
+    assert "q[qlora-fp4]" not in ids.stdout.str() and "1 deselected" in ids.stdout.str()
+    every = project.runpytest_subprocess("suites/", "--collect-only", "-q", "--no-report", "--seeds", "all")
+    assert "q[qlora-fp4]" in every.stdout.str() and "q[qlora-nf4]" in every.stdout.str()
+    for slice_, says in (("{method: nf5}", "slice.method: unknown method 'nf5'"),
+                         ("{method: lora-int8}", "slice: {'method': 'lora-int8'} selects no case of the matrix")):
+        (project.path / "suites" / "q.yaml").write_text(suite.replace("{method: qlora-nf4}", slice_))
+        bad = project.runpytest_subprocess("suites/", "--collect-only", "-q", "--no-report")
+        assert bad.ret != 0
+        bad.stdout.fnmatch_lines([f"suites/q.yaml: {says}*"])
