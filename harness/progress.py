@@ -128,7 +128,7 @@ class Progress:
         n = len(self.cases)
         known = f"about {minutes(left)}" + (f" for {n - unknown} of them (earlier records)" if unknown else
                                             " (from earlier records of these cases)")
-        return f"qlora-harness: {n} cases, {known if n > unknown else 'no earlier records to estimate from'}" + (
+        return f"qlora-harness: {n} case{'s' if n != 1 else ''}, {known if n > unknown else 'no earlier records to estimate from'}" + (
             f", over {self.workers} workers" if self.workers > 1 else "")
 
     def start(self, node: str) -> str | None:

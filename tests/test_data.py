@@ -161,7 +161,7 @@ def test_assistant_data_is_what_its_generator_writes_and_the_suite_scores_it_as_
     spec.loader.exec_module(gen)
     for name, rows in gen.build().items():
         assert _rows(DATA / name) == json.loads(json.dumps(rows)), f"{name} differs from suites/data/assistant.py"
-    name = "smollm2.yaml" if (SUITES / "smollm2.yaml").is_file() else "_smollm2.yaml"  # _: pending its model source
+    name = "smollm2.yaml"
     suite = yaml.safe_load((SUITES / name).read_text())
     train = _rows(DATA / "assistant_train.jsonl")
     systems = {r["prompt"][0]["content"] for r in train if r["prompt"][0]["role"] == "system"}
