@@ -368,11 +368,7 @@ def _flops(ctx: Context, step_s, real, sum_sq, out: StageOutput) -> dict[str, fl
 
     from harness.measure import flops
 
-    preset = ctx.source.preset
-    if preset is None:
-        from harness.presets import from_hf_config
-
-        preset = from_hf_config(ctx.source.checkpoint)
+    preset = model_shape(ctx)
     layers = ctx.case.model.num_layers
     per_step = np.array([flops.step_model_flops(preset, ctx.case.settings, r, q, num_layers=layers)
                          for r, q in zip(real, sum_sq, strict=True)])
@@ -403,6 +399,18 @@ def _adapter_dtype(model) -> str | None:
     return None
 
 
+def model_shape(ctx: Context):
+    """The model's shape for FLOPs and the estimator: the synthetic preset, else read from the checkpoint's
+    config.json (a local, hub or converted GGUF model), else None."""
+    if ctx.source.preset is not None:
+        return ctx.source.preset
+    if ctx.source.checkpoint is not None and (Path(ctx.source.checkpoint) / "config.json").is_file():
+        from harness.presets import from_hf_config
+
+        return from_hf_config(ctx.source.checkpoint)
+    return None
+
+
 def _estimate_as_held(ctx: Context, measure, metrics: dict[str, float]) -> dict[str, float]:
     """The estimate again with what training held (largest micro-batch in tokens, padding included; the
     adapters' dtype), and its ratios to like measurements: the allocator estimate to torch's allocator peak,
@@ -410,12 +418,13 @@ def _estimate_as_held(ctx: Context, measure, metrics: dict[str, float]) -> dict[
     tensor-level peak of one step."""
     from harness import estimate
 
-    if ctx.source.preset is None or not measure.max_batch_tokens:
+    shape = model_shape(ctx)
+    if shape is None or not measure.max_batch_tokens:
         return {}
     kw = {"num_layers": ctx.case.model.num_layers, "device": ctx.device, "adapter_dtype": measure.adapter_dtype,
           "vocab_size": measure.vocab_size}
     kw = {k: v for k, v in kw.items() if v is not None}
-    est = estimate.estimate(ctx.source.preset, ctx.case.settings, tokens=measure.max_batch_tokens, **kw)
+    est = estimate.estimate(shape, ctx.case.settings, tokens=measure.max_batch_tokens, **kw)
     out = est.as_metrics()
     out["estimate.tokens_per_batch"] = float(measure.max_batch_tokens)
     if "train.peak_allocated_gib" in metrics:
@@ -424,7 +433,7 @@ def _estimate_as_held(ctx: Context, measure, metrics: dict[str, float]) -> dict[
         out["train.estimate_over_nvml_ratio"] = est.total_gib / metrics["train.nvml_peak_gib"]
     tp = measure.tensor_peak
     if tp is not None and tp.peak_bytes and measure.profiled_tokens:
-        at_step = estimate.estimate(ctx.source.preset, ctx.case.settings, tokens=measure.profiled_tokens, **kw)
+        at_step = estimate.estimate(shape, ctx.case.settings, tokens=measure.profiled_tokens, **kw)
         out["train.tensor_peak_gib"] = tp.peak_bytes / memory.GIB
         out["train.tensor_start_gib"] = tp.start_bytes / memory.GIB  # weights, adapters, grads, optimizer
         out["estimate.at_profiled_step_gib"] = at_step.total_gib
