@@ -193,7 +193,7 @@ def test_ctrl_c_records_the_running_case_as_interrupted(tmp_path: Path, cache_en
     (tmp_path / "suites" / "long.yaml").write_text(LONG.replace("DATA", str(DATA)))
     pytest_proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "suites/", "--run-id", "cut", "--no-report",
-         "-p", "no:randomly", "-p", "no:cacheprovider"], cwd=tmp_path, env=cache_env,
+         "-p", "no:randomly", "-p", "no:cacheprovider"], cwd=tmp_path, env={**cache_env, "PYTHONFAULTHANDLER": "1"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     worker = _worker_of(pytest_proc.pid)
     try:
@@ -201,7 +201,15 @@ def test_ctrl_c_records_the_running_case_as_interrupted(tmp_path: Path, cache_en
         pytest_proc.send_signal(signal.SIGINT)
         # Uninterrupted, the case runs until its 600 s timeout: exiting within 300 s shows the Ctrl-C ended it, with
         # room for a loaded machine (two busy loops on two cores: pytest took over 60 s to write up and exit)
-        out, _ = pytest_proc.communicate(timeout=300)
+        try:
+            out, _ = pytest_proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:  # say where it hung: faulthandler dumps every thread's stack on SIGABRT
+            tree = [f"{c.pid} {c.status()} {' '.join(c.cmdline())[:120]}" for c in
+                    psutil.Process(pytest_proc.pid).children(recursive=True)]
+            pytest_proc.send_signal(signal.SIGABRT)
+            out, _ = pytest_proc.communicate(timeout=60)
+            raise AssertionError(f"pytest did not exit within 300 s of Ctrl-C; its processes: {tree}; its output "
+                                 f"ends:\n{out[-6000:]}") from None
         _, alive = psutil.wait_procs([worker], timeout=10)
         assert not alive, "the worker outlived the interrupted session"
         record = read_record(tmp_path / "results" / "cut" / "long__lora-bf16.json")
