@@ -131,16 +131,21 @@ def _check_slice(suite: Suite, cases: list[Case], path: Path) -> None:
     """``slice:`` must name valid settings and select cases (a slice of nothing would run nothing of the suite)."""
     if not suite.slice:
         return
-    for key, want in suite.slice.items():
+    _check_values(suite.slice, path, "slice")
+    if not any(matches(c, suite.slice, collecting=True) for c in cases):
+        raise SpecError(path, "slice", f"{short(suite.slice)} selects no case of the matrix")
+
+
+def _check_values(selector: dict[str, Any], path: Path, where: str) -> None:
+    """Every value a selector names (``where:``, ``slice:``) must be valid for its setting: one line if not."""
+    for key, want in selector.items():
         for value in want if isinstance(want, list) else [want]:
             try:
                 Settings.model_validate({key: value})
             except ValidationError as exc:
                 errs = [e for e in exc.errors() if e["loc"][:1] == (key,)]
                 if errs:
-                    raise SpecError(path, f"slice.{key}", _message(errs[0])) from None
-    if not any(matches(c, suite.slice, collecting=True) for c in cases):
-        raise SpecError(path, "slice", f"{short(suite.slice)} selects no case of the matrix")
+                    raise SpecError(path, f"{where}.{key}", _message(errs[0])) from None
 
 
 def in_slice(case: Case, suite: Suite) -> bool:
@@ -154,14 +159,7 @@ def _check_selections(suite: Suite, cases: list[Case], path: Path) -> None:
     for i, exp in enumerate(suite.expectations):
         if not isinstance(exp, MetricExpectation | NonInferiorityExpectation) or not exp.where:
             continue
-        for key, want in exp.where.items():
-            for value in want if isinstance(want, list) else [want]:
-                try:
-                    Settings.model_validate({key: value})
-                except ValidationError as exc:
-                    errs = [e for e in exc.errors() if e["loc"][:1] == (key,)]
-                    if errs:
-                        raise SpecError(path, f"expectations[{i}].where.{key}", _message(errs[0])) from None
+        _check_values(exp.where, path, f"expectations[{i}].where")
         chosen = [c for c in cases if matches(c, exp.where, collecting=True)]
         if isinstance(exp, NonInferiorityExpectation):
             against = exp.against or suite.reference
