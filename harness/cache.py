@@ -4,6 +4,8 @@
 
 - ``synthetic/``: built synthetic checkpoints and tokenizers (harness.models), reused by every later run;
 - ``datasets/``: the datasets library's cache of the JSONL files a worker loads (``HF_DATASETS_CACHE``);
+- ``torchinductor/``: torch's compiler cache (``TORCHINDUCTOR_CACHE_DIR``; torch makes it on importing its
+  distributed modules, under /tmp otherwise);
 - ``lm_eval_tasks-<version>.json``: the names of lm-eval's installed tasks (harness.spec);
 - ``pytest/`` and ``benchmarks/``: pytest's cache and pytest-benchmark's storage of a ``pytest suites/``
   session, unless the user chose other places (``-o cache_dir=...``, ``--benchmark-storage``).

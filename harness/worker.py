@@ -263,7 +263,10 @@ def worker_env(case: Case, environ: dict[str, str] | None = None) -> dict[str, s
     defaults = {"HF_HUB_DISABLE_TELEMETRY": "1"} if sources.needs_network(case.model) else OFFLINE_DEFAULTS
     # the datasets library caches every JSONL it loads (under ~/.cache/huggingface/datasets, growing each run):
     # in the harness's cache instead, unless the user chose a place
-    defaults = {**defaults, "HF_DATASETS_CACHE": str(cache_dir(env) / "datasets")}
+    defaults = {**defaults, "HF_DATASETS_CACHE": str(cache_dir(env) / "datasets"),
+                # torch makes /tmp/torchinductor_<user> on importing its compiler (distributed imports it), and
+                # leaves it: in the harness's cache instead
+                "TORCHINDUCTOR_CACHE_DIR": str(cache_dir(env) / "torchinductor")}
     for key, value in defaults.items():
         env.setdefault(key, value)
     env[PARENT_ENV] = str(os.getpid())

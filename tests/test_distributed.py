@@ -124,8 +124,12 @@ def check_exact(record: Record, work: Path, replayed: dict, strategy: str) -> fl
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
-def test_adapters_equal_a_one_process_replay_of_both_ranks_batches(cases, strategy, tmp_path):
+def test_adapters_equal_a_one_process_replay_of_both_ranks_batches(cases, strategy, tmp_path, monkeypatch):
+    tmp = tmp_path / "tmp"  # the case's processes' temporary folder: torchrun's own logs went there, never removed
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
     record, work = _run(cases[strategy], tmp_path)
+    assert not sorted(p.name for p in tmp.iterdir()), "the case left files in the temporary folder"
     worst = check_exact(record, work, replay(cases[strategy], work), strategy)
     print(f"{strategy}: largest relative difference to the replay {worst:.3g}")
     ranks = record.tables["train.ranks"]

@@ -132,7 +132,10 @@ class Torchrun(Launcher):
     def command(self, case, case_file, result_file, run_id, run_dir):
         s = case.settings
         args = [sys.executable, "-m", "harness.launchers.agent", f"--nproc-per-node={ranks_per_node(s)}",
-                f"--nnodes={s.nnodes}", "--max-restarts=0", "--monitor-interval=0.5"]
+                f"--nnodes={s.nnodes}", "--max-restarts=0", "--monitor-interval=0.5",
+                # torchrun's per-rank log folders: with the case's other files, not in a /tmp/torchelastic_* that
+                # it never removes
+                f"--log-dir={Path(case_file).parent / 'torchelastic'}"]
         if s.nnodes == 1 and not s.rdzv_endpoint:
             args.append("--standalone")  # a local c10d store on a free port
         else:
