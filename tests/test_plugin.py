@@ -90,7 +90,8 @@ def test_shipped_suites_collect_with_readable_ids():
     out = subprocess.run([sys.executable, "-m", "pytest", "suites/", "--collect-only", "-q", "--no-report"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:]
-    assert "suites/smoke.yaml::smoke[qlora-nf4-dq-seed0]" in out.stdout  # three replicates a method
+    assert "suites/smoke.yaml::smoke[qlora-nf4-dq-seed0]" in out.stdout  # in smoke's slice
+    assert "suites/smoke.yaml::smoke[qlora-nf4-seed0]" not in out.stdout
     assert "suites/fidelity.yaml::fidelity[qlora-fp4-normal]" in out.stdout
     assert "suites/fidelity.yaml::fidelity[qlora-fp4-student_t]" not in out.stdout  # outside fidelity's slice:
     assert "suites/smollm2.yaml::smollm2[qlora-nf4-dq-seed0]" in out.stdout  # a one-seed run takes the slice
