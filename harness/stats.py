@@ -155,11 +155,24 @@ class Group:
         return np.array([v for v in vals if v is not None and math.isfinite(v)], dtype=float)
 
 
+def measured(rec: Any) -> bool:
+    """A record whose every stage ran: passed, or failed only on a bound checked afterwards (its expectations were
+    judged, which happens only after every stage ran). Such a seed is its method's outcome: leaving it out of its
+    group would keep the seeds that went well. A stage's own failure (unhealthy training, an exactness check)
+    or a crash measured something else."""
+    return rec.status == "passed" or (rec.status == "failed" and any(not e.ok for e in rec.expectations or []))
+
+
+def bound_failures(group: Group) -> int:
+    """How many of a group's seeds failed a bound (they are in its statistics all the same)."""
+    return sum(r.status == "failed" for r in group.records)
+
+
 def groups(records: Iterable[Any]) -> list[Group]:
-    """Passed records grouped by suite and every setting but ``seed``, in first-seen order."""
+    """Measured records (``measured``) grouped by suite and every setting but ``seed``, in first-seen order."""
     out: dict[tuple, Group] = {}
     for rec in records:
-        if rec.status != "passed":
+        if not measured(rec):
             continue
         key = _key(rec)
         if key not in out:

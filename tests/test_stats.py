@@ -559,3 +559,32 @@ def test_baseline_regression_needs_the_interval_beyond_tolerance(new, regressed)
 def test_baseline_without_replicates_falls_back_to_the_point_change():
     [change] = stats.compare_groups(_tps_records("new", [850.0]), _tps_records("old", [1000.0]))
     assert change.regressed and math.isnan(change.lo)
+
+
+def test_a_seed_that_failed_a_bound_stays_in_its_group_and_one_whose_stage_failed_does_not():
+    """A case that ran every stage and then missed a bound (the adapter did not learn enough, the canary was lost)
+    is a measurement of its method: leaving it out would keep only the seeds that went well (in SmolLM2's first
+    run qlora-nf4-dq vanished from the summary when its merged canary bound failed). A case whose own stage
+    failed (unhealthy training, a broken exactness check) measured something else and stays out."""
+    from harness.records import ExpectationResult
+
+    good = _record("qlora-nf4", 0, [1, 1, 1, 0])
+    missed = _record("qlora-nf4", 1, [0, 0, 0, 0]).model_copy(update={
+        "status": "failed", "message": "learned: 0.0 < 0.05",
+        "expectations": [ExpectationResult(name="learned", metric="eval.t.acc_gain", value=0.0, ok=False,
+                                           message="learned: 0.0 < 0.05")]})
+    broken = _record("qlora-nf4", 2, [1, 1, 1, 1]).model_copy(update={
+        "status": "failed", "message": "train: unhealthy: the loss never left the uniform level"})
+    (g,) = stats.groups([good, missed, broken])
+    assert g.seeds == [0, 1]
+    assert stats.bound_failures(g) == 1
+    assert stats.summarise(g)["eval.support_mc.acc"].mean == pytest.approx((0.75 + 0.0) / 2)
+    # and the run page's summary counts it, saying so
+    from harness.report.summary import decision
+
+    refs = [_record("lora-bf16", s, [1, 1, 0, 0]) for s in (0, 1)]
+    records = [*refs, good, missed]
+    st = stats.run_stats(records)["suites"]["q"]
+    d = decision(records, st, "lora-bf16")
+    assert [r.n for r in d.rows] == [2, 2]
+    assert any("1 of 2 seeds failed a bound (learned)" in n for n in d.notes), d.notes

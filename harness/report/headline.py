@@ -141,7 +141,9 @@ def table(run_dir: Path, suite: str = "smoke") -> str:
     for g in groups:
         cells = [_group_cell(g, summaries[g.group_id], c[1], c[2], c[3]) for c in cols]
         cells += [_diff_text(diffs.get((g.group_id, m))) for m, _ in shown_diffs]
-        label = g.method + (f" (n={len(g.records)})" if len(g.records) > 1 else "")
+        failed = stats.bound_failures(g)
+        label = g.method + (f" (n={len(g.records)}{f', {failed} failed a bound' if failed else ''})"
+                            if len(g.records) > 1 else " (failed a bound)" if failed else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     verdicts = _verdicts(groups, diffs, ref, shown_diffs)
     if verdicts:

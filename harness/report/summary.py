@@ -197,6 +197,11 @@ def decision(records: list[Record], st: dict[str, Any], reference: str) -> Decis
     if any(r.quality and r.method != reference for r in rows) or timed:
         notes.append(f"Brackets: 95% intervals simultaneous over the {k} methods compared (Bonferroni)." if k > 1
                      else "Brackets: 95% intervals.")
+    for g in groups:
+        if stats.bound_failures(g):
+            names = sorted({e.name for r in g.records if r.status == "failed" for e in r.expectations if not e.ok})
+            notes.append(f"{case_label(g.group_id)}: {stats.bound_failures(g)} of {len(g.records)} seeds failed a "
+                         f"bound ({', '.join(names)}); they count in every figure here, as the seeds that held do.")
     seeds = max(len(g.records) for g in groups)
     if seeds == 1:
         notes.append("One seed per method: the intervals cover eval items only, not how another training seed "
