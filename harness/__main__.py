@@ -45,9 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--suite", default="smoke", help="the suite whose methods form the rows (default: smoke)")
     h.add_argument("--update", type=Path, metavar="README",
                    help="replace the README's tables between markers that this run has suites for (headline, "
-                        "merge costs, speed)")
+                        "merge costs, speed, real model)")
     h.add_argument("--merge-suite", default="merge", help="the suite of the merge-costs table (default: merge)")
     h.add_argument("--speed-suite", default="speed", help="the suite of the speed table (default: speed)")
+    h.add_argument("--real-suite", default="smollm2",
+                   help="the suite of the real-model table (default: smollm2)")
 
     st = sub.add_parser("stats", parents=[results],
                         help="recompute a run's stats/<suite>.json (groups, differences, verdicts) from its records")
@@ -239,7 +241,8 @@ def cmd_headline(args: argparse.Namespace) -> int:
         text = args.update.read_text()
         blocks = [(headline.START, args.suite, headline.update), (headline.MERGE_START, args.merge_suite,
                                                                   headline.update_merge),
-                  (headline.SPEED_START, args.speed_suite, headline.update_speed)]
+                  (headline.SPEED_START, args.speed_suite, headline.update_speed),
+                  (headline.REAL_START, args.real_suite, headline.update_real)]
         done = []
         for start, suite, update in blocks:
             if start in text and headline.has_suite(run_dir, suite):

@@ -35,3 +35,18 @@ def test_speed_table_matches_the_committed_records():
     shown = headline.embedded(ROOT / "README.md", headline.SPEED_START, headline.SPEED_END)
     run_id = max(re.findall(r"`([^`]+)`", re.search(r"; runs? (.*), suite `speed`", shown).group(1)))
     assert shown == headline.speed_table(_committed(run_id))
+
+
+def test_a_real_models_tokens_per_second_keeps_its_digits():
+    """SmolLM2 trains at about 5 tokens/s on two cores: whole numbers showed every method as 5."""
+    from harness.records import Record
+
+    def rec(seed, tps):
+        return Record(run_id="r", suite="s", case_id=f"s[qlora-nf4-seed{seed}]", method="qlora-nf4", status="passed",
+                      params={"method": "qlora-nf4", "seed": seed}, metrics={"train.tokens_per_s": tps})
+
+    from harness import stats
+
+    one, (g,) = rec(0, 5.312), stats.groups([rec(0, 5.312), rec(1, 5.6), rec(2, 5.0)])
+    assert headline._cell(one, "train.tokens_per_s", headline.COLUMNS[7][2]) == "5.31"
+    assert headline._group_cell(g, stats.summarise(g), "train.tokens_per_s", headline.COLUMNS[7][2]) == "5.3 ± 0.7"

@@ -17,6 +17,17 @@ START, END = "<!-- headline:start -->", "<!-- headline:end -->"
 def _order(method: str) -> int:
     return list(METHODS).index(method) if method in METHODS else len(METHODS)
 
+def _rate(v: float) -> str:
+    """Tokens/s: whole numbers from 100 up (``1,510``), three significant digits below (``5.31`` on a real
+    model on two CPU cores, where whole numbers would hide the methods' differences)."""
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def fmt_value(fmt, v: float) -> str:
+    """A column's format: a format string or a function of the value."""
+    return fmt(v) if callable(fmt) else fmt.format(v)
+
+
 # (column, metric, format). A prediction is shown only beside the measurement it predicts (PAIRED): the
 # allocator estimate beside torch's allocator peak, the total beside NVML process memory, and on the CPU the
 # estimate at the profiled step beside that step's tensor-level peak. Process RSS has no prediction.
@@ -28,7 +39,7 @@ COLUMNS = [
     ("tensor peak GiB", M.TENSOR_PEAK, "{:.3f}"),
     ("predicted GiB at that step", M.EST_AT_PROFILED_STEP, "{:.3f}"),
     ("peak RSS GiB", M.PEAK_RSS, "{:.3f}"),
-    ("tokens/s (median step)", M.TOKENS_PER_S, "{:,.0f}"),
+    ("tokens/s (median step)", M.TOKENS_PER_S, _rate),
     ("MFU", M.MFU, "{:.1%}"),
     ("weights MB", M.WEIGHT_BYTES, "{:.2f}"),
     ("RMSE", M.RMSE, "{:.2e}"),
@@ -78,8 +89,8 @@ def _cell(r: Record, metric: str, fmt: str, base: bool = False) -> str:
     if base:
         err = m.get(f"{metric}_stderr")
         head = f"{m[_base_of(metric)]:.3f} → " if _base_of(metric) in m else ""
-        return head + fmt.format(value) + (f" ± {err:.3f}" if err is not None else "")
-    return fmt.format(value)
+        return head + fmt_value(fmt, value) + (f" ± {err:.3f}" if err is not None else "")
+    return fmt_value(fmt, value)
 
 
 def _group_cell(g: stats.Group, summary: dict[str, stats.Summary], metric: str, fmt: str, base: bool = False) -> str:
@@ -91,9 +102,13 @@ def _group_cell(g: stats.Group, summary: dict[str, stats.Summary], metric: str, 
         return ""
     s = summary[metric]
     scale = 1e6 if metric.endswith("_bytes") else 1.0
-    text = fmt.format(s.mean / scale)
+    text = fmt_value(fmt, s.mean / scale)
     if s.n > 1 and s.half_width == s.half_width and s.half_width > 0:
-        text += " ± " + fmt.format(s.half_width / scale).lstrip("+")
+        if callable(fmt):  # the half-width to the mean's decimals: 1,294 ± 86, 5.31 ± 0.42
+            places = len(text.split(".", 1)[1]) if "." in text else 0
+            text += f" ± {s.half_width / scale:,.{places}f}"
+        else:
+            text += " ± " + fmt.format(s.half_width / scale).lstrip("+")
     if s.n < len(g.records):  # seeds without the metric, or whose timing the noise guard flagged
         text += f" (n={s.n})"
     if base and _base_of(metric) in summary:
@@ -227,7 +242,7 @@ def ratio_verdict(ratios: list[dict], ref: str) -> str:
 
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
 SPEED_METRICS = [  # (column, metric, format): the first memory metric a run has is shown
-    ("tokens/s (median step)", M.TOKENS_PER_S, "{:,.0f}"),
+    ("tokens/s (median step)", M.TOKENS_PER_S, _rate),
     ("step ms (median)", M.STEP_MEDIAN_MS, "{:.1f}"),
     ("peak allocated GiB", M.PEAK_ALLOCATED, "{:.2f}"),
     ("tensor peak GiB", M.TENSOR_PEAK, "{:.4f}"),
@@ -371,6 +386,14 @@ def replace_block(readme: Path, start: str, end: str, body: str) -> None:
 
 def update(readme: Path, run_dir: Path, suite: str = "smoke") -> None:
     replace_block(readme, START, END, table(run_dir, suite))
+
+
+REAL_START, REAL_END = "<!-- real-model:start -->", "<!-- real-model:end -->"
+
+
+def update_real(readme: Path, run_dir: Path, suite: str = "smollm2") -> None:
+    """Replace the README's real-model block with ``table`` of that suite (the toy's table stays the self-test)."""
+    replace_block(readme, REAL_START, REAL_END, table(run_dir, suite))
 
 
 MERGE_START, MERGE_END = "<!-- merge:start -->", "<!-- merge:end -->"
