@@ -30,6 +30,20 @@ def prepare(case: Case) -> Source:
     return sources.prepare(case)
 
 
+def shape(source: Source):
+    """The model's shape for FLOPs and the estimator: the synthetic preset, else read from the checkpoint's
+    config.json (a local, hub or converted GGUF model), else None."""
+    from pathlib import Path
+
+    if source.preset is not None:
+        return source.preset
+    if source.checkpoint is not None and (Path(source.checkpoint) / "config.json").is_file():
+        from harness.presets import from_hf_config
+
+        return from_hf_config(source.checkpoint)
+    return None
+
+
 def load_tokenizer(source: Source):
     from transformers import AutoTokenizer
 

@@ -236,10 +236,10 @@ def _estimate(ctx, record: Record) -> None:
 
     est = estimate.for_case(ctx.case, ctx.device)
     if est is None and ctx.case.settings.strategy == "none":  # a real checkpoint: its config.json has the shape
+        from harness import models
         from harness.measure.machine import resolve_compute_dtype
-        from harness.stages.train import model_shape
 
-        shape = model_shape(ctx)
+        shape = models.shape(ctx.source)
         if shape is not None:
             est = estimate.estimate(shape, resolve_compute_dtype(ctx.case.settings, ctx.device), device=ctx.device)
     if est is not None:

@@ -8,7 +8,7 @@ import statistics
 import time
 from pathlib import Path
 
-from harness import methods, precision
+from harness import methods, models, precision
 from harness.measure import health, memory, noise, steps, tensors
 from harness.stages import (  # noqa: F401 - lora_config and load_for_training are shared with the distributed loop
     PROJECTION_NAMES,
@@ -368,7 +368,7 @@ def _flops(ctx: Context, step_s, real, sum_sq, out: StageOutput) -> dict[str, fl
 
     from harness.measure import flops
 
-    preset = model_shape(ctx)
+    preset = models.shape(ctx.source)
     layers = ctx.case.model.num_layers
     per_step = np.array([flops.step_model_flops(preset, ctx.case.settings, r, q, num_layers=layers)
                          for r, q in zip(real, sum_sq, strict=True)])
@@ -399,18 +399,6 @@ def _adapter_dtype(model) -> str | None:
     return None
 
 
-def model_shape(ctx: Context):
-    """The model's shape for FLOPs and the estimator: the synthetic preset, else read from the checkpoint's
-    config.json (a local, hub or converted GGUF model), else None."""
-    if ctx.source.preset is not None:
-        return ctx.source.preset
-    if ctx.source.checkpoint is not None and (Path(ctx.source.checkpoint) / "config.json").is_file():
-        from harness.presets import from_hf_config
-
-        return from_hf_config(ctx.source.checkpoint)
-    return None
-
-
 def _estimate_as_held(ctx: Context, measure, metrics: dict[str, float]) -> dict[str, float]:
     """The estimate again with what training held (largest micro-batch in tokens, padding included; the
     adapters' dtype), and its ratios to like measurements: the allocator estimate to torch's allocator peak,
@@ -418,7 +406,7 @@ def _estimate_as_held(ctx: Context, measure, metrics: dict[str, float]) -> dict[
     tensor-level peak of one step."""
     from harness import estimate
 
-    shape = model_shape(ctx)
+    shape = models.shape(ctx.source)
     if shape is None or not measure.max_batch_tokens:
         return {}
     kw = {"num_layers": ctx.case.model.num_layers, "device": ctx.device, "adapter_dtype": measure.adapter_dtype,
