@@ -129,7 +129,7 @@ def expand(suite: Suite, path: Path | str) -> list[Case]:
 
 def _check_slice(suite: Suite, cases: list[Case], path: Path) -> None:
     """``slice:`` must name valid settings and select cases (a slice of nothing would run nothing of the suite)."""
-    if not suite.slice:
+    if not suite.slice or suite.slice == "none":
         return
     _check_values(suite.slice, path, "slice")
     if not any(matches(c, suite.slice, collecting=True) for c in cases):
@@ -149,7 +149,10 @@ def _check_values(selector: dict[str, Any], path: Path, where: str) -> None:
 
 
 def in_slice(case: Case, suite: Suite) -> bool:
-    """True when a run of fewer seeds takes this case (the suite has no slice, or the slice selects it)."""
+    """True when a run of fewer seeds takes this case (the suite has no slice, or the slice selects it; ``none``
+    selects nothing)."""
+    if suite.slice == "none":
+        return False
     return not suite.slice or matches(case, suite.slice, collecting=True)
 
 

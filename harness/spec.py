@@ -490,8 +490,16 @@ class Suite(Strict):
     timeout_s: float = Field(1800, gt=0)  # per case; a hung worker is killed after this
     # the cases a run of fewer seeds takes (--seeds N, and the cpu tier's default of one): a selector like an
     # expectation's where:, e.g. {method: [lora-bf16, qlora-nf4-dq]}, for a suite too long to run whole in a
-    # first run; --seeds all runs the whole matrix
-    slice: dict[str, Scalar | list[Scalar]] = {}
+    # first run; none: such a run leaves the suite out (one seed of it says nothing another suite does not);
+    # --seeds all runs the whole matrix
+    slice: dict[str, Scalar | list[Scalar]] | Literal["none"] = {}
+
+    @field_validator("slice", mode="before")
+    @classmethod
+    def _slice(cls, v: Any) -> Any:
+        if isinstance(v, dict) or v == "none":
+            return v
+        raise ValueError("expected a selector such as {method: qlora-nf4-dq}, or none")
 
     @field_validator("matrix")
     @classmethod

@@ -92,6 +92,7 @@ def test_shipped_suites_collect_with_readable_ids():
     assert out.returncode == 0, out.stdout[-2000:]
     assert "suites/smoke.yaml::smoke[qlora-nf4-dq-seed0]" in out.stdout  # in smoke's slice
     assert "suites/smoke.yaml::smoke[qlora-nf4-seed0]" not in out.stdout
+    assert "suites/speed.yaml::speed[" not in out.stdout  # slice: none
     assert "suites/fidelity.yaml::fidelity[qlora-fp4-normal]" in out.stdout
     assert "suites/fidelity.yaml::fidelity[qlora-fp4-student_t]" not in out.stdout  # outside fidelity's slice:
     assert "suites/smollm2.yaml::smollm2[qlora-nf4-dq-seed0]" in out.stdout  # a one-seed run takes the slice
@@ -261,7 +262,14 @@ def test_a_suite_slice_is_what_a_one_seed_run_takes_and_seeds_all_runs_the_rest(
     assert "q[qlora-fp4]" not in ids.stdout.str() and "1 deselected" in ids.stdout.str()
     every = project.runpytest_subprocess("suites/", "--collect-only", "-q", "--no-report", "--seeds", "all")
     assert "q[qlora-fp4]" in every.stdout.str() and "q[qlora-nf4]" in every.stdout.str()
+    # slice: none: a one-seed run leaves the whole suite out (a suite that says nothing on one seed: speed)
+    (project.path / "suites" / "q.yaml").write_text(suite.replace("{method: qlora-nf4}", "none"))
+    none = project.runpytest_subprocess("suites/", "--collect-only", "-q", "--no-report")
+    assert none.ret in (0, 5) and "q[" not in none.stdout.str() and "2 deselected" in none.stdout.str()
+    every = project.runpytest_subprocess("suites/", "--collect-only", "-q", "--no-report", "--seeds", "all")
+    assert "q[qlora-fp4]" in every.stdout.str() and "q[qlora-nf4]" in every.stdout.str()
     for slice_, says in (("{method: nf5}", "slice.method: unknown method 'nf5'"),
+                         ("nothing", "slice: expected a selector such as {method: qlora-nf4-dq}, or none"),
                          ("{method: lora-int8}", "slice: {'method': 'lora-int8'} selects no case of the matrix")):
         (project.path / "suites" / "q.yaml").write_text(suite.replace("{method: qlora-nf4}", slice_))
         bad = project.runpytest_subprocess("suites/", "--collect-only", "-q", "--no-report")
