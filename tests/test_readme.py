@@ -50,3 +50,24 @@ def test_a_real_models_tokens_per_second_keeps_its_digits():
     one, (g,) = rec(0, 5.312), stats.groups([rec(0, 5.312), rec(1, 5.6), rec(2, 5.0)])
     assert headline._cell(one, "train.tokens_per_s", headline.COLUMNS[7][2]) == "5.31"
     assert headline._group_cell(g, stats.summarise(g), "train.tokens_per_s", headline.COLUMNS[7][2]) == "5.3 ± 0.7"
+
+
+def test_a_one_seed_table_says_its_brackets_cover_eval_items_only(tmp_path):
+    """A real-model run of one seed per method (SmolLM2's seed 0): its Δ brackets come from the eval items alone
+    and its ± on a score is lm-eval's standard error, not an interval over seeds; the table must say which."""
+    from harness.records import Record
+
+    def rec(method, items):
+        rows = [{"task": "support_mc", "doc_id": i, "acc": float(v)} for i, v in enumerate(items)]
+        return Record(run_id="one", suite="s", case_id=f"s[{method}-seed0]", method=method, status="passed",
+                      params={"method": method, "seed": 0},
+                      metrics={"eval.support_mc.acc": sum(items) / len(items), "eval.support_mc.acc_stderr": 0.05,
+                               "eval.support_mc.base_acc": 0.25},
+                      tables={"eval.items.adapter": rows})
+
+    for r in (rec("lora-bf16", [1, 0] * 40), rec("qlora-nf4", [1, 1, 0, 0] * 20)):
+        (tmp_path / f"s__{r.method}-seed0.json").write_text(r.model_dump_json())
+    text = headline.table(tmp_path, "s")
+    assert "| qlora-nf4 |" in text and "[" in text.split("| qlora-nf4 |")[1].split("\n")[0]  # a Δ with brackets
+    assert "paired over eval items: one seed" in text and "paired over seeds" not in text
+    assert "0.250 → 0.500 ± 0.050" in text and "± on a score: lm-eval's standard error over its eval items." in text

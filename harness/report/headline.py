@@ -168,9 +168,13 @@ def table(run_dir: Path, suite: str = "smoke") -> str:
     if speed:
         lines += ["", *speed]
     seeds = max((len(g.records) for g in groups), default=1)
-    intervals = "".join([f" ±: 95% intervals over {seeds} seeds" if seeds > 1 else "",
-                         f"; Δ brackets: {_joint(st)}, paired over seeds and eval items" if shown_diffs else "",
-                         "." if seeds > 1 else ""])
+    stderr = seeds == 1 and any(f"{m}_stderr" in r.metrics for r in records for m in with_base)  # shown: _cell
+    intervals = "".join([f" ±: 95% intervals over {seeds} seeds" if seeds > 1 else
+                         " ± on a score: lm-eval's standard error over its eval items." if stderr else "",
+                         (f"; Δ brackets: {_joint(st)}, paired over seeds and eval items" if seeds > 1 else
+                          f" Δ brackets: {_joint(st)}, paired over eval items: one seed, so they do not cover how "
+                          "another training seed would have turned out") if shown_diffs else "",
+                         "." if seeds > 1 or shown_diffs else ""])
     lines += ["", f"{measured_on(records)}, suite `{suite}`.{intervals}"]
     return "\n".join(lines)
 
