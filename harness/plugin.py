@@ -238,10 +238,13 @@ def pytest_collection_modifyitems(session, config, items):
         s = item.suite
         return (s.name, item.case.axes["seed"]) if s.order == "blocks" and "seed" in item.case.axes else None
 
-    again = {block(i) for i in items if isinstance(i, CaseItem) and run.already_measured(i.case) is None} - {None}
+    def measured(item):  # the earlier record, unless the case runs again
+        return run.already_measured(item.case, keep_noisy=item.suite.noisy_timing == "keep")
+
+    again = {block(i) for i in items if isinstance(i, CaseItem) and measured(i) is None} - {None}
     kept, done = [], []
     for item in items:
-        old = run.already_measured(item.case) if isinstance(item, CaseItem) else None
+        old = measured(item) if isinstance(item, CaseItem) else None
         if old is None or block(item) in again:
             kept.append(item)
             continue

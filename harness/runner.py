@@ -309,21 +309,22 @@ class Run:
     def records(self, suite: str | None = None) -> dict[str, Record]:
         return CrossCase(self.dir, extended=self.extended).records(suite)
 
-    def already_measured(self, case: Case) -> Record | None:
+    def already_measured(self, case: Case, keep_noisy: bool = False) -> Record | None:
         """The extended run's record of this case, unless it must be measured again (``remeasure``)."""
         rec = self.extended.get(case.case_id)
-        return rec if rec is not None and not remeasure(rec) else None
+        return rec if rec is not None and not remeasure(rec, keep_noisy) else None
 
     def check_ratio(self, exp: RatioExpectation, cases: list[Case], wait_s: float = 0.0):
         return CrossCase(self.dir, extended=self.extended).check_ratio(exp, cases, wait_s)
 
 
-def remeasure(rec: Record) -> bool:
+def remeasure(rec: Record, keep_noisy: bool = False) -> bool:
     """Does an extension measure this case again: its status (``RERUN``: error, interrupted, killed), or a timing
-    the noise guard flagged (the machine was busy: its speed says nothing about the method)?"""
+    the noise guard flagged (the machine was busy: its speed says nothing about the method), unless its suite
+    keeps such cases (``noisy_timing: keep``: their timings stay out of the speed ratios instead)?"""
     from harness.measure.noise import timing_noisy
 
-    return rec.status in RERUN or timing_noisy(rec.metrics)
+    return rec.status in RERUN or (not keep_noisy and timing_noisy(rec.metrics))
 
 
 def _slug(text: str) -> str:

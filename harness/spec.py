@@ -487,6 +487,9 @@ class Suite(Strict):
     # method after method, where drift and method are confounded
     order: Literal["blocks", "file"] = "blocks"
     reference: str = "lora-bf16"  # the method differences and ratios are taken against
+    # a case whose timing the noise guard flagged: --extends measures it again (with its seed's block), or, for a
+    # suite whose product is not its speed and whose cases are long, keeps it (its timing stays out of the ratios)
+    noisy_timing: Literal["remeasure", "keep"] = "remeasure"
     timeout_s: float = Field(1800, gt=0)  # per case; a hung worker is killed after this
     # the cases a run of fewer seeds takes (--seeds N, and the cpu tier's default of one): a selector like an
     # expectation's where:, e.g. {method: [lora-bf16, qlora-nf4-dq]}, for a suite too long to run whole in a

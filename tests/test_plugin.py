@@ -138,6 +138,11 @@ def test_extends_measures_a_noisy_timing_again_with_its_whole_block(project, ord
                                          "--seeds", "all")
     kept = sorted(line.split("::", 1)[1] for line in again.stdout.lines if "::q[" in line)
     assert kept == (["q[qlora-fp4-seed1]", "q[qlora-nf4-seed1]"] if order == "blocks" else ["q[qlora-nf4-seed1]"])
+    if order == "blocks":  # a suite that keeps noisy timings (long cases whose product is not speed): none runs
+        (project.path / "suites" / "q.yaml").write_text(suite + "noisy_timing: keep\n")
+        kept = project.runpytest_subprocess("suites/", "--collect-only", "-q", "--run-id", "more2", "--extends",
+                                            "first", "--seeds", "all")
+        assert not [line for line in kept.stdout.lines if "::q[" in line], kept.stdout.str()[-1500:]
 
 
 def test_tasks_and_data_are_not_suites():

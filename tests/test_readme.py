@@ -25,6 +25,13 @@ def _committed(run_id: str) -> Path:
     return runs[0]
 
 
+def test_real_model_table_matches_the_committed_records():
+    shown = headline.embedded(ROOT / "README.md", headline.REAL_START, headline.REAL_END)
+    run_id = max(re.findall(r"`([^`]+)`", re.search(r"; runs? (.*), suite `smollm2`", shown).group(1)))
+    assert shown == headline.table(_committed(run_id), "smollm2")
+    assert "qlora-nf4-dq" in shown and "lora-bf16" in shown  # the reference and the tutorials' method, at least
+
+
 def test_merge_costs_match_the_committed_records():
     shown = headline.embedded(ROOT / "README.md", headline.MERGE_START, headline.MERGE_END)
     run_id = re.search(r"Run `([^`]+)`", shown).group(1)
