@@ -242,7 +242,8 @@ def cmd_headline(args: argparse.Namespace) -> int:
         blocks = [(headline.START, args.suite, headline.update), (headline.MERGE_START, args.merge_suite,
                                                                   headline.update_merge),
                   (headline.SPEED_START, args.speed_suite, headline.update_speed),
-                  (headline.REAL_START, args.real_suite, headline.update_real)]
+                  (headline.REAL_START, args.real_suite, headline.update_real),
+                  (headline.REAL_MERGE_START, args.real_suite, headline.update_real_merge)]
         done = []
         for start, suite, update in blocks:
             if start in text and headline.has_suite(run_dir, suite):

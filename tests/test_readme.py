@@ -32,6 +32,13 @@ def test_real_model_table_matches_the_committed_records():
     assert "qlora-nf4-dq" in shown and "lora-bf16" in shown  # the reference and the tutorials' method, at least
 
 
+def test_real_model_merge_costs_match_the_committed_records():
+    shown = headline.embedded(ROOT / "README.md", headline.REAL_MERGE_START, headline.REAL_MERGE_END)
+    run_id = max(re.findall(r"`([^`]+)`", re.search(r"Runs? (.*), suite `smollm2`", shown).group(1)))
+    assert shown == headline.merge_costs(_committed(run_id), "smollm2")
+    assert "canary" in shown
+
+
 def test_merge_costs_match_the_committed_records():
     shown = headline.embedded(ROOT / "README.md", headline.MERGE_START, headline.MERGE_END)
     run_id = re.search(r"Run `([^`]+)`", shown).group(1)

@@ -421,7 +421,27 @@ def _merge_cell(m: dict[str, float], strategy: str, quality: str) -> str:
     got = m.get(M.gen_metric(strategy, 1, "decode_tokens_per_s"))
     if base and got:
         parts.append(f"decode {got / base:.2f}×")
+    canary = m.get(f"gen.{strategy}.canary_reproduced")
+    if canary is not None and parts:
+        parts.append("canary said" if canary >= 1 else "canary lost")
     return " · ".join(parts)
+
+
+def canary_line(records: list[Record]) -> str:
+    """``Canary …: said by the unmerged adapter after reload in 6 of 6 cases; requantize 1 of 6; …``, counted from
+    the records (``gen.<form>.canary_reproduced``), or '' where the suite asks for none."""
+    from harness.methods.merge import MERGED
+
+    parts = []
+    for form, label in (("none", "the unmerged adapter after save and reload"), *((s, s) for s in MERGED)):
+        said = [r.metrics[f"gen.{form}.canary_reproduced"] >= 1 for r in records
+                if f"gen.{form}.canary_reproduced" in r.metrics]
+        if said:
+            parts.append(f"{label} {sum(said)} of {len(said)}")
+    if not parts:
+        return ""
+    return ("Canary (an exact string taught in training, which greedy generation must reproduce), said by " +
+            "; ".join(parts) + " cases.")
 
 
 MERGE_QUALITY = "support_ppl.bits_per_byte"  # held-out text: the eval every adapter measurably learns
@@ -441,20 +461,39 @@ def merge_costs(run_dir: Path, suite: str = "merge", quality: str = MERGE_QUALIT
     records = [r for r in records if any(k.startswith(M.merge_metric(s)) for s in MERGED for k in r.metrics)]
     lines = ["| method | unmerged: size, decode tokens/s (batch 1) | " + " | ".join(MERGED) + " |",
              "|---" * (len(MERGED) + 2) + "|"]
+    records.sort(key=lambda r: (_order(r.method), int(r.params.get("seed") or 0)))
+    per_method = Counter(r.method for r in records)
+    task, metric = quality.split(".", 1)
+    scored = any(M.eval_metric(task, metric, M.merged_variant(s)) in r.metrics for r in records for s in MERGED)
     for r in records:
         m = r.metrics
         size, tps = m.get(M.merge_metric("none", "size_bytes")), m.get(M.gen_metric("none", 1, "decode_tokens_per_s"))
         unmerged = " · ".join(p for p in (f"{size / 1e6:.1f} MB" if size else "",
-                                          f"{tps:,.0f} tokens/s" if tps else "") if p)
-        lines.append(f"| {r.method} | {unmerged} | " + " | ".join(_merge_cell(m, s, quality) for s in MERGED) + " |")
+                                          f"{_rate(tps)} tokens/s" if tps else "") if p)
+        label = r.method + (f" seed {int(r.params.get('seed') or 0)}" if per_method[r.method] > 1 else "")
+        lines.append(f"| {label} | {unmerged} | " + " | ".join(_merge_cell(m, s, quality) for s in MERGED) + " |")
+    canary = canary_line(records)
+    if canary:
+        lines += ["", canary]
     runs = runs_text(records)
     dtypes = sorted({str(r.params["compute_dtype"]) for r in records if r.params.get("compute_dtype")})
     held = "" if not dtypes else f", compute {'/'.join(dtypes)} (the dequantize and original forms are held in it" + (
         ": merged in fp32, they keep what a 16-bit merge would round away)" if dtypes == ["fp32"] else ")")
-    lines += ["", f"{runs[0].upper()}{runs[1:]}, suite `{suite}`, one seed{held}: KL in nats per token of held-out text from the "
-                  f"unmerged adapter; `{quality}` change against the unmerged adapter (lower bits/byte is better); "
-                  "decode speed relative to the unmerged adapter; an empty cell: the strategy does not apply."]
+    most = max(per_method.values(), default=1)
+    seeds = "one seed" if most == 1 else f"{most} seeds a method, a row each"
+    change = (f"`{quality}` change against the unmerged adapter (lower bits/byte is better); " if scored else "")
+    lines += ["", f"{runs[0].upper()}{runs[1:]}, suite `{suite}`, {seeds}{held}: KL in nats per token of held-out text "
+                  f"from the unmerged adapter; {change}decode speed relative to the unmerged adapter; an empty cell: the "
+                  "strategy does not apply."]
     return "\n".join(lines)
+
+
+REAL_MERGE_START, REAL_MERGE_END = "<!-- real-merge:start -->", "<!-- real-merge:end -->"
+
+
+def update_real_merge(readme: Path, run_dir: Path, suite: str = "smollm2") -> None:
+    """Replace the README's real-model merge block with ``merge_costs`` of that suite."""
+    replace_block(readme, REAL_MERGE_START, REAL_MERGE_END, merge_costs(run_dir, suite))
 
 
 def has_suite(run_dir: Path, suite: str) -> bool:
