@@ -85,3 +85,25 @@ def test_a_one_seed_table_says_its_brackets_cover_eval_items_only(tmp_path):
     assert "| qlora-nf4 |" in text and "[" in text.split("| qlora-nf4 |")[1].split("\n")[0]  # a Δ with brackets
     assert "paired over eval items: one seed" in text and "paired over seeds" not in text
     assert "0.250 → 0.500 ± 0.050" in text and "± on a score: lm-eval's standard error over its eval items." in text
+
+
+def test_the_merge_table_says_which_merged_form_lost_the_canary(tmp_path):
+    """SmolLM2 nf4-dq seed 0: merged back into its 4-bit codes the adapter no longer said the canary (top-1 agreement
+    0.47), merged into the 16-bit dequantized base it did: the table must show that, form by form, from the records."""
+    from harness.records import Record
+
+    metrics = {"eval.merge.requantize.kl_mean": 1.17, "eval.merge.requantize.top1_agreement": 0.47,
+               "eval.merge.dequantize.kl_mean": 0.0, "eval.merge.dequantize.top1_agreement": 1.0,
+               "gen.none.canary_reproduced": 1.0, "gen.requantize.canary_reproduced": 0.0,
+               "gen.dequantize.canary_reproduced": 1.0}
+    for seed in (0, 1):
+        r = Record(run_id="m", suite="s", case_id=f"s[qlora-nf4-dq-seed{seed}]", method="qlora-nf4-dq",
+                   status="passed", params={"method": "qlora-nf4-dq", "seed": seed}, metrics=metrics)
+        (tmp_path / f"s__qlora-nf4-dq-seed{seed}.json").write_text(r.model_dump_json())
+    text = headline.merge_costs(tmp_path, "s")
+    row = next(line for line in text.splitlines() if line.startswith("| qlora-nf4-dq seed 0 |"))
+    requantize, dequantize = row.split(" | ")[2:4]
+    assert "top-1 0.470" in requantize and "canary lost" in requantize
+    assert "top-1 1.000" in dequantize and "canary said" in dequantize
+    assert "after save and reload 2 of 2; requantize 0 of 2; dequantize 2 of 2 cases" in text
+    assert "2 seeds a method, a row each" in text and "one seed" not in text
