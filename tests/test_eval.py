@@ -146,3 +146,7 @@ def test_score_merged_false_keeps_the_agreement_and_skips_the_merged_lm_eval_pas
     assert not [k for k in m if k.startswith("eval.support_mc.merged") or k.endswith("_merge_delta")]
     assert "eval.items.merged" not in rec["tables"]
     assert m["eval.merge.requantize.top1_agreement"] > 0 and "eval.merge.requantize.kl_mean" in m
+    # each form was saved to measure its size and load time, then removed: on SmolLM2 they were 0.8 GB a case
+    assert m["eval.merge.requantize.size_bytes"] > 0 and m["eval.merge.none.size_bytes"] > 0
+    work = pytester.path / "results" / "ev" / "work" / "ev__qlora-nf4-dq"
+    assert (work / "adapter").is_dir() and not sorted(p.name for p in work.glob("model-*"))
