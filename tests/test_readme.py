@@ -85,6 +85,14 @@ def test_a_one_seed_table_says_its_brackets_cover_eval_items_only(tmp_path):
     assert "| qlora-nf4 |" in text and "[" in text.split("| qlora-nf4 |")[1].split("\n")[0]  # a Δ with brackets
     assert "paired over eval items: one seed" in text and "paired over seeds" not in text
     assert "0.250 → 0.500 ± 0.050" in text and "± on a score: lm-eval's standard error over its eval items." in text
+    # and the report's forest plot says so in its title
+    from harness import stats
+    from harness.records import read_run_records
+    from harness.report.charts import forest_chart
+
+    st = stats.run_stats(read_run_records(tmp_path))["suites"]["s"]
+    title = forest_chart(st).title
+    assert "one seed, not over seeds" in title and "paired over seeds" not in title, title
 
 
 def test_the_merge_table_says_which_merged_form_lost_the_canary(tmp_path):

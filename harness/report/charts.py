@@ -408,8 +408,10 @@ def forest_chart(st: dict, variant: str = "adapter") -> Chart | None:
     if variant == "base":
         return Chart("base_differences", f"What quantizing the base does before training: each untrained base "
                      f"against {ref}'s, with {joint}", fig, wide=True)
-    return Chart("differences", f"Difference to {ref} after training, with {joint} (paired over seeds and eval "
-                 "items; other metrics in the table)", fig, wide=True)
+    one_seed = all(max(d.get("n_seeds") or (1, 1)) <= 1 for d in diffs)
+    paired = "paired over eval items; one seed, not over seeds" if one_seed else "paired over seeds and eval items"
+    return Chart("differences", f"Difference to {ref} after training, with {joint} ({paired}; other metrics in "
+                 "the table)", fig, wide=True)
 
 
 def _better(fam: str, diffs: list[dict]) -> str:
