@@ -123,26 +123,27 @@ def test_replicates_run_seed_by_seed_in_a_shuffled_order(project, order):
     assert {b[0] for b in blocks} != {"lora-bf16"}  # the reference does not always go first
 
 
-@pytest.mark.parametrize("order", ["blocks", "file"])
-def test_extends_measures_a_noisy_timing_again_with_its_whole_block(project, order):
+def test_extends_measures_a_noisy_timing_again_with_its_whole_block(project):
     """The noise guard flagged one case's timing (the machine was busy): an extension measures it again and, in a
-    suite run in blocks, its seed's other cases with it, so that each seed's cases still ran side by side."""
-    suite = QUANT_SUITE.split("expectations:")[0] + f"timeout_s: 300\nreplicates: 2\norder: {order}\n"
+    suite run in blocks, its seed's other cases with it, so that each seed's cases still ran side by side; in a suite
+    run in file order the case alone; in a suite that keeps noisy timings (long cases whose product is not speed)
+    none. One first run serves all three (the order is not a setting of the cases)."""
+    suite = QUANT_SUITE.split("expectations:")[0] + "timeout_s: 300\nreplicates: 2\norder: blocks\n"
     (project.path / "suites" / "q.yaml").write_text(suite)
     project.runpytest_subprocess("suites/", "--run-id", "first", "--no-report", "--seeds", "all").assert_outcomes(passed=4)
     path = project.path / "results" / "first" / "q__qlora-nf4-seed1.json"
     rec = json.loads(path.read_text())
     rec["metrics"]["train.timing_clean"] = 0.0  # what the noise guard writes when another process took the cores
     path.write_text(json.dumps(rec))
-    again = project.runpytest_subprocess("suites/", "--collect-only", "-q", "--run-id", "more", "--extends", "first",
-                                         "--seeds", "all")
-    kept = sorted(line.split("::", 1)[1] for line in again.stdout.lines if "::q[" in line)
-    assert kept == (["q[qlora-fp4-seed1]", "q[qlora-nf4-seed1]"] if order == "blocks" else ["q[qlora-nf4-seed1]"])
-    if order == "blocks":  # a suite that keeps noisy timings (long cases whose product is not speed): none runs
-        (project.path / "suites" / "q.yaml").write_text(suite + "noisy_timing: keep\n")
-        kept = project.runpytest_subprocess("suites/", "--collect-only", "-q", "--run-id", "more2", "--extends",
-                                            "first", "--seeds", "all")
-        assert not [line for line in kept.stdout.lines if "::q[" in line], kept.stdout.str()[-1500:]
+    for extra, want in (("", ["q[qlora-fp4-seed1]", "q[qlora-nf4-seed1]"]),
+                        ("order: file\n", ["q[qlora-nf4-seed1]"]),
+                        ("noisy_timing: keep\n", [])):
+        (project.path / "suites" / "q.yaml").write_text(suite.replace("order: blocks\n", extra or "order: blocks\n")
+                                                        if extra.startswith("order") else suite + extra)
+        again = project.runpytest_subprocess("suites/", "--collect-only", "-q", "--run-id", "more", "--extends",
+                                             "first", "--seeds", "all")
+        kept = sorted(line.split("::", 1)[1] for line in again.stdout.lines if "::q[" in line)
+        assert kept == want, (extra, again.stdout.str()[-1500:])
 
 
 def test_tasks_and_data_are_not_suites():

@@ -337,9 +337,7 @@ def test_known_metric_names_pass(tmp_path: Path):
 
 
 def test_every_metric_of_the_reference_run_is_a_known_name():
-    from harness.metrics import unknown_metric
-
-    from harness.metrics import EVAL_TASKS_TABLE
+    from harness.metrics import EVAL_TASKS_TABLE, unknown_metric
 
     records = [r for d in (ROOT / "results" / "reference").glob("*/*") for r in read_records(d)]
     assert records
