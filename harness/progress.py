@@ -1,6 +1,7 @@
 """A live line per case while a session runs: which case of how many, how long it took before, how long is left.
 
-Estimates come from earlier records of the same case id under the results folder (any run folder up to three
+Estimates come from earlier records of the same case id (or, for a seed never run, of its other seeds) under the
+results folder (any run folder up to three
 levels down, so a fresh clone's committed ``results/reference/<machine>/<run>/`` counts), else from the median
 of the session's other cases of the same suite that have one; a case with neither is counted as unknown. The
 time left is scaled by how the finished cases' durations compared with their estimates (a slower machine than
@@ -10,7 +11,9 @@ among the xdist workers.
 
 from __future__ import annotations
 
+import glob
 import json
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -34,8 +37,20 @@ def earlier_seconds(results_dir: Path, case_ids: list[str]) -> dict[str, float]:
     folders = run_folders(results_dir)
     out = {}
     for cid in case_ids:
-        name, seen = case_filename(cid), []
-        for folder in folders:
+        seen = _seconds(folders, [case_filename(cid)])
+        if not seen and (m := re.fullmatch(r"(.*-seed)\d+\]", cid)):  # a new seed: the same case's other seeds
+            seen = _seconds(folders, sorted({p.name for f in folders for p in f.glob(
+                glob.escape(case_filename(m.group(1) + "]").removesuffix(".json")) + "[0-9]*.json")}))
+        if seen:
+            out[cid] = statistics.median(seen)
+    return out
+
+
+def _seconds(folders: list[Path], names: list[str]) -> list[float]:
+    """``timings_s.total`` of the records of these file names in the newest NEWEST folders that hold one."""
+    seen = []
+    for folder in folders:
+        for name in names:
             path = folder / name
             if len(seen) >= NEWEST or not path.is_file():
                 continue
@@ -46,9 +61,7 @@ def earlier_seconds(results_dir: Path, case_ids: list[str]) -> dict[str, float]:
                 continue
             if rec.get("status") in ("passed", "failed") and total > 0:
                 seen.append(total)
-        if seen:
-            out[cid] = statistics.median(seen)
-    return out
+    return seen
 
 
 def minutes(seconds: float) -> str:

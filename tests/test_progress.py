@@ -40,3 +40,19 @@ def test_another_suites_cases_do_not_lend_their_time(tmp_path):
     clock.t = 50.0
     progress.finish("a")
     assert progress.start("b") == "qlora-harness [2/2] t[m0]: no estimate (never run before); 1 case left, none measured before"
+
+
+def test_a_new_seed_takes_the_time_its_other_seeds_took(tmp_path):
+    """``--extends RUN --seeds all`` adds seeds nobody ran before: their estimate is what the same case's other seeds
+    took (SmolLM2's seed 1 started with "no earlier records to estimate from" although seed 0 had taken 9-20 min a
+    case); another method's seeds do not count."""
+    import json
+
+    run = tmp_path / "r0"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"run_id": "r0"}))
+    for method, total in (("qlora-fp4", 540.0), ("lora-bf16", 60.0)):
+        (run / f"s__{method}-seed0.json").write_text(json.dumps({"status": "passed", "timings_s": {"total": total}}))
+    progress = Progress.plan({"a": "s[qlora-fp4-seed1]", "b": "s[qlora-fp4-dq-seed1]"}, tmp_path, suite_of)
+    assert progress.estimates["s[qlora-fp4-seed1]"] == 540.0
+    assert "s[qlora-fp4-dq-seed1]" not in progress.estimates or progress.estimates["s[qlora-fp4-dq-seed1]"] == 540.0
