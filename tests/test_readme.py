@@ -25,18 +25,49 @@ def _committed(run_id: str) -> Path:
     return runs[0]
 
 
+def _real_blocks(start: str, end: str) -> list[str]:
+    """Every real-model block of the README of one kind: the plain one and those naming their run."""
+    readme = ROOT / "README.md"
+    starts = headline.named_starts(readme.read_text(), start)
+    assert starts, f"no {start} block"
+    return [headline.embedded(readme, s, end) for s in starts.values()]
+
+
 def test_real_model_table_matches_the_committed_records():
-    shown = headline.embedded(ROOT / "README.md", headline.REAL_START, headline.REAL_END)
-    run_id = max(re.findall(r"`([^`]+)`", re.search(r"; runs? (.*), suite `smollm2`", shown).group(1)))
-    assert shown == headline.table(_committed(run_id), "smollm2")
-    assert "qlora-nf4-dq" in shown and "lora-bf16" in shown  # the reference and the tutorials' method, at least
+    for shown in _real_blocks(headline.REAL_START, headline.REAL_END):
+        run_id = max(re.findall(r"`([^`]+)`", re.search(r"; runs? (.*), suite `smollm2`", shown).group(1)))
+        assert shown == headline.table(_committed(run_id), "smollm2")
+        assert "qlora-nf4-dq" in shown and "lora-bf16" in shown  # the reference and the tutorials' method, at least
 
 
 def test_real_model_merge_costs_match_the_committed_records():
-    shown = headline.embedded(ROOT / "README.md", headline.REAL_MERGE_START, headline.REAL_MERGE_END)
-    run_id = max(re.findall(r"`([^`]+)`", re.search(r"Runs? (.*), suite `smollm2`", shown).group(1)))
-    assert shown == headline.merge_costs(_committed(run_id), "smollm2")
-    assert "canary" in shown
+    for shown in _real_blocks(headline.REAL_MERGE_START, headline.REAL_MERGE_END):
+        run_id = max(re.findall(r"`([^`]+)`", re.search(r"Runs? (.*), suite `smollm2`", shown).group(1)))
+        assert shown == headline.merge_costs(_committed(run_id), "smollm2")
+        assert "canary" in shown
+
+
+def test_update_fills_the_block_that_names_the_run(tmp_path, monkeypatch):
+    """Two real-model references side by side (seed 0 of every method on an AVX2 machine in fp32; three seeds of two
+    methods on an AVX512-bf16 one): ``headline RUN --update`` must rewrite the block naming RUN (or a run it
+    extends) and leave the other one as it is."""
+    import json
+
+    from harness import __main__ as cli
+
+    for name, extends in (("a", None), ("b", None), ("b2", "b")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps({"run_id": name, "extends": extends}))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- real-model:start -->\nold a\n<!-- real-model:end -->\n"
+                      "<!-- real-model:start b -->\nold b\n<!-- real-model:end -->\n")
+    monkeypatch.setattr(headline, "has_suite", lambda run_dir, suite: suite == "smollm2")
+    monkeypatch.setattr(headline, "table", lambda run_dir, suite: f"table of {run_dir.name}")
+    monkeypatch.setattr(headline, "merge_costs", lambda run_dir, suite: "")
+    for run, want in (("b2", "old a\n<!-- real-model:end -->\n<!-- real-model:start b -->\ntable of b2"),
+                      ("a", "table of a\n<!-- real-model:end -->\n<!-- real-model:start b -->\ntable of b2")):
+        assert cli.main(["headline", run, "--results", str(tmp_path), "--update", str(readme)]) in (0, None)
+        assert want in readme.read_text(), readme.read_text()
 
 
 def test_merge_costs_match_the_committed_records():

@@ -395,9 +395,29 @@ def update(readme: Path, run_dir: Path, suite: str = "smoke") -> None:
 REAL_START, REAL_END = "<!-- real-model:start -->", "<!-- real-model:end -->"
 
 
+def named_starts(text: str, start: str) -> dict[str | None, str]:
+    """The README's start markers of one kind of block by the run each names: ``<!-- real-model:start -->`` (None) and
+    ``<!-- real-model:start smollm2-bf16 -->`` (a block of its own for that run and those that extend it)."""
+    kind = re.escape(start[:-len(":start -->")])
+    return {m.group(1): m.group(0) for m in re.finditer(kind + r":start(?: ([A-Za-z0-9][A-Za-z0-9._-]*))? -->", text)}
+
+
+def start_for_run(text: str, start: str, run_dir: Path) -> str | None:
+    """The start marker of the block ``run_dir`` fills: the block that names it or a run it extends, else the
+    unnamed one; None where neither is there."""
+    from harness.records import run_chain
+
+    starts = named_starts(text, start)
+    for d in run_chain(run_dir):
+        if d.name in starts:
+            return starts[d.name]
+    return starts.get(None)
+
+
 def update_real(readme: Path, run_dir: Path, suite: str = "smollm2") -> None:
     """Replace the README's real-model block with ``table`` of that suite (the toy's table stays the self-test)."""
-    replace_block(readme, REAL_START, REAL_END, table(run_dir, suite))
+    start = start_for_run(readme.read_text(), REAL_START, run_dir) or REAL_START
+    replace_block(readme, start, REAL_END, table(run_dir, suite))
 
 
 MERGE_START, MERGE_END = "<!-- merge:start -->", "<!-- merge:end -->"
@@ -493,7 +513,8 @@ REAL_MERGE_START, REAL_MERGE_END = "<!-- real-merge:start -->", "<!-- real-merge
 
 def update_real_merge(readme: Path, run_dir: Path, suite: str = "smollm2") -> None:
     """Replace the README's real-model merge block with ``merge_costs`` of that suite."""
-    replace_block(readme, REAL_MERGE_START, REAL_MERGE_END, merge_costs(run_dir, suite))
+    start = start_for_run(readme.read_text(), REAL_MERGE_START, run_dir) or REAL_MERGE_START
+    replace_block(readme, start, REAL_MERGE_END, merge_costs(run_dir, suite))
 
 
 def has_suite(run_dir: Path, suite: str) -> bool:
