@@ -313,7 +313,10 @@ class _ProgressHooks:
         cases = {n: c for n in nodeids if (c := case_of(n)) is not None and self._for_this_tier(n)}
         numprocesses = getattr(self.config.option, "numprocesses", None)
         workers = numprocesses if isinstance(numprocesses, int) and numprocesses > 0 else 1
-        self.progress = Progress.plan(cases, run.results_dir, lambda cid: cid.split("[", 1)[0], workers)
+        from harness.measure.machine import environment
+
+        self.progress = Progress.plan(cases, run.results_dir, lambda cid: cid.split("[", 1)[0], workers,
+                                      environment())  # earlier records of this kind of machine first
         auto = self.config.getoption("seeds") == "auto"
         seeds = ("every seed of replicated suites" if run.seeds is None else
                  f"{'the first ' if run.seeds > 1 else ''}{run.seeds} seed{'s' if run.seeds > 1 else ''} of each "

@@ -2,7 +2,8 @@
 
 Estimates come from earlier records of the same case id (or, for a seed never run, of its other seeds) under the
 results folder (any run folder up to three
-levels down, so a fresh clone's committed ``results/reference/<machine>/<run>/`` counts), else from the median
+levels down, so a fresh clone's committed ``results/reference/<machine>/<run>/`` counts; those of this kind of
+machine first, since an AVX2 machine's fp32 records took 2-3x as long as an AVX512-bf16 one's), else from the median
 of the session's other cases of the same suite that have one; a case with neither is counted as unknown. The
 time left is scaled by how the finished cases' durations compared with their estimates (a slower machine than
 the earlier one's; a median, so that a first case that also built its base does not count for all) and divided
@@ -32,36 +33,42 @@ def run_folders(results_dir: Path) -> list[Path]:
     return sorted(set(found), key=lambda p: p.name, reverse=True)
 
 
-def earlier_seconds(results_dir: Path, case_ids: list[str]) -> dict[str, float]:
-    """Median wall seconds of each case in earlier runs (``timings_s.total`` of the newest NEWEST records)."""
+def earlier_seconds(results_dir: Path, case_ids: list[str], here: dict | None = None) -> dict[str, float]:
+    """Median wall seconds of each case in earlier runs (``timings_s.total`` of the newest NEWEST records; of
+    those measured on the kind of machine of the environment ``here``, where it is given and any are)."""
     folders = run_folders(results_dir)
     out = {}
     for cid in case_ids:
-        seen = _seconds(folders, [case_filename(cid)])
+        seen = _seconds(folders, [case_filename(cid)], here)
         if not seen and (m := re.fullmatch(r"(.*-seed)\d+\]", cid)):  # a new seed: the same case's other seeds
             seen = _seconds(folders, sorted({p.name for f in folders for p in f.glob(
-                glob.escape(case_filename(m.group(1) + "]").removesuffix(".json")) + "[0-9]*.json")}))
+                glob.escape(case_filename(m.group(1) + "]").removesuffix(".json")) + "[0-9]*.json")}), here)
         if seen:
             out[cid] = statistics.median(seen)
     return out
 
 
-def _seconds(folders: list[Path], names: list[str]) -> list[float]:
-    """``timings_s.total`` of the records of these file names in the newest NEWEST folders that hold one."""
-    seen = []
+def _seconds(folders: list[Path], names: list[str], here: dict | None = None) -> list[float]:
+    """``timings_s.total`` of the records of these file names in the newest folders that hold one: the newest
+    NEWEST of this kind of machine (``compare.kind_apart`` with ``here``), else the newest NEWEST of any."""
+    from harness.compare import kind_apart
+
+    same, other = [], []
     for folder in folders:
         for name in names:
             path = folder / name
-            if len(seen) >= NEWEST or not path.is_file():
+            if len(same) >= NEWEST or not path.is_file():
                 continue
             try:
                 rec = json.loads(path.read_text())
                 total = float((rec.get("timings_s") or {})["total"])
-            except (OSError, ValueError, KeyError, TypeError):
+                env = rec.get("env") if isinstance(rec.get("env"), dict) else {}
+                apart = bool(here is not None and kind_apart(here, env))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
             if rec.get("status") in ("passed", "failed") and total > 0:
-                seen.append(total)
-    return seen
+                (other if apart else same).append(total)
+    return same[:NEWEST] or other[:NEWEST]
 
 
 def minutes(seconds: float) -> str:
@@ -86,9 +93,11 @@ class Progress:
     suite_of: object = None  # case id -> suite name: a case never measured before takes its suite's finished ones
 
     @classmethod
-    def plan(cls, cases: dict[str, str], results_dir: Path, suite_of, workers: int = 1) -> Progress:
-        """Estimates for ``cases`` from earlier records; a case without one takes its suite's median, if any."""
-        est = earlier_seconds(results_dir, list(dict.fromkeys(cases.values())))
+    def plan(cls, cases: dict[str, str], results_dir: Path, suite_of, workers: int = 1,
+             here: dict | None = None) -> Progress:
+        """Estimates for ``cases`` from earlier records (this kind of machine's first, ``here`` its environment); a
+        case without one takes its suite's median, if any."""
+        est = earlier_seconds(results_dir, list(dict.fromkeys(cases.values())), here)
         by_suite: dict[str, list[float]] = {}
         for cid, s in est.items():
             by_suite.setdefault(suite_of(cid), []).append(s)

@@ -56,3 +56,25 @@ def test_a_new_seed_takes_the_time_its_other_seeds_took(tmp_path):
     progress = Progress.plan({"a": "s[qlora-fp4-seed1]", "b": "s[qlora-fp4-dq-seed1]"}, tmp_path, suite_of)
     assert progress.estimates["s[qlora-fp4-seed1]"] == 540.0
     assert "s[qlora-fp4-dq-seed1]" not in progress.estimates or progress.estimates["s[qlora-fp4-dq-seed1]"] == 540.0
+
+
+def test_records_of_this_kind_of_machine_come_first(tmp_path):
+    """SmolLM2's extension on an AVX512-bf16 machine was told 'about 1 h 22 min' from the committed AVX2 (fp32)
+    records though its own kind's took 25 min: where both are there, the estimate is this kind's; where only
+    another kind's are, it still gives one."""
+    import json
+
+    def env(isa):
+        return {"cpu": {"name": "AMD EPYC", "isa": isa}, "versions": {"torch": "2.13.0+cpu"}}
+
+    for name, isa, total in (("r2-newer", "AVX2", 800.0), ("r1", "AVX512", 240.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps({"run_id": name}))
+        (tmp_path / name / "s__m-seed0.json").write_text(json.dumps(
+            {"status": "passed", "timings_s": {"total": total}, "env": env(isa)}))
+    (tmp_path / "r2-newer" / "s__other-seed0.json").write_text(json.dumps(
+        {"status": "passed", "timings_s": {"total": 500.0}, "env": env("AVX2")}))
+    cases = {"a": "s[m-seed0]", "b": "s[other-seed0]"}
+    assert Progress.plan(cases, tmp_path, suite_of, here=env("AVX512")).estimates == {
+        "s[m-seed0]": 240.0, "s[other-seed0]": 500.0}
+    assert Progress.plan(cases, tmp_path, suite_of, here=env("AVX2")).estimates["s[m-seed0]"] == 800.0
