@@ -246,9 +246,7 @@ def cmd_headline(args: argparse.Namespace) -> int:
                   (headline.REAL_MERGE_START, args.real_suite, headline.update_real_merge)]
         done = []
         for start, suite, update in blocks:
-            if start in (headline.REAL_START, headline.REAL_MERGE_START):  # the block naming this run, or the plain one
-                start = headline.start_for_run(text, start, run_dir)
-            if start and start in text and headline.has_suite(run_dir, suite):
+            if headline.start_for_run(text, start, run_dir) and headline.has_suite(run_dir, suite):
                 update(args.update, run_dir, suite)
                 done.append(suite)
         if not done:

@@ -284,7 +284,7 @@ def speed_table(run_dir: Path, suite: str = "speed") -> str:
 
 def update_speed(readme: Path, run_dir: Path, suite: str = "speed") -> None:
     """Replace the README's speed block with ``speed_table`` of ``run_dir``."""
-    replace_block(readme, SPEED_START, SPEED_END, speed_table(run_dir, suite))
+    replace_block(readme, SPEED_START, SPEED_END, speed_table(run_dir, suite), run_dir)
 
 
 def runs_text(records: list[Record]) -> str:
@@ -379,9 +379,12 @@ def embedded(readme: Path, start: str = START, end: str = END) -> str:
     return m.group(1)
 
 
-def replace_block(readme: Path, start: str, end: str, body: str) -> None:
-    """Replace what stands between the README's ``start`` and ``end`` markers with ``body``."""
+def replace_block(readme: Path, start: str, end: str, body: str, run_dir: Path | None = None) -> None:
+    """Replace what stands between the README's ``start`` and ``end`` markers with ``body``: with ``run_dir``, in the
+    block of that kind that names the run or a run it extends, if one does (``start_for_run``)."""
     text = readme.read_text()
+    if run_dir is not None:
+        start = start_for_run(text, start, run_dir) or start
     if start not in text:
         raise ValueError(f"{readme}: no {start} … {end} block")
     new = f"{start}\n{body}\n{end}"
@@ -389,7 +392,7 @@ def replace_block(readme: Path, start: str, end: str, body: str) -> None:
 
 
 def update(readme: Path, run_dir: Path, suite: str = "smoke") -> None:
-    replace_block(readme, START, END, table(run_dir, suite))
+    replace_block(readme, START, END, table(run_dir, suite), run_dir)
 
 
 REAL_START, REAL_END = "<!-- real-model:start -->", "<!-- real-model:end -->"
@@ -416,8 +419,7 @@ def start_for_run(text: str, start: str, run_dir: Path) -> str | None:
 
 def update_real(readme: Path, run_dir: Path, suite: str = "smollm2") -> None:
     """Replace the README's real-model block with ``table`` of that suite (the toy's table stays the self-test)."""
-    start = start_for_run(readme.read_text(), REAL_START, run_dir) or REAL_START
-    replace_block(readme, start, REAL_END, table(run_dir, suite))
+    replace_block(readme, REAL_START, REAL_END, table(run_dir, suite), run_dir)
 
 
 MERGE_START, MERGE_END = "<!-- merge:start -->", "<!-- merge:end -->"
@@ -513,8 +515,7 @@ REAL_MERGE_START, REAL_MERGE_END = "<!-- real-merge:start -->", "<!-- real-merge
 
 def update_real_merge(readme: Path, run_dir: Path, suite: str = "smollm2") -> None:
     """Replace the README's real-model merge block with ``merge_costs`` of that suite."""
-    start = start_for_run(readme.read_text(), REAL_MERGE_START, run_dir) or REAL_MERGE_START
-    replace_block(readme, start, REAL_MERGE_END, merge_costs(run_dir, suite))
+    replace_block(readme, REAL_MERGE_START, REAL_MERGE_END, merge_costs(run_dir, suite), run_dir)
 
 
 def has_suite(run_dir: Path, suite: str) -> bool:
@@ -523,4 +524,4 @@ def has_suite(run_dir: Path, suite: str) -> bool:
 
 def update_merge(readme: Path, run_dir: Path, suite: str = "merge") -> None:
     """Replace the README's merge block with ``merge_costs`` of ``run_dir``."""
-    replace_block(readme, MERGE_START, MERGE_END, merge_costs(run_dir, suite))
+    replace_block(readme, MERGE_START, MERGE_END, merge_costs(run_dir, suite), run_dir)
