@@ -213,17 +213,24 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> Summary:
     return Summary(mean, sd, n, mean - half, mean + half, x.tolist())
 
 
-def summarise(group: Group) -> dict[str, Summary]:
-    """Every numeric metric of a group over its seeds; a timing over the seeds whose timing the noise guard did
-    not flag (a busy host's tokens/s says nothing about the method: the summary's ``n`` says how many count)."""
+def counted(group: Group, name: str) -> Group:
+    """The group's seeds that count for metric ``name``: for a timing, those whose timing the noise guard did not
+    flag (a busy host's tokens/s says nothing about the method); for any other metric, all."""
     from harness.measure.noise import is_timing_metric, timing_noisy
 
-    clean = Group(group.suite, group.group_id, group.method, group.params,
-                  [r for r in group.records if not timing_noisy(r.metrics)])
+    if not is_timing_metric(name):
+        return group
+    return Group(group.suite, group.group_id, group.method, group.params,
+                 [r for r in group.records if not timing_noisy(r.metrics)])
+
+
+def summarise(group: Group) -> dict[str, Summary]:
+    """Every numeric metric of a group over the seeds that count for it (``counted``: the summary's ``n`` says how
+    many)."""
     names = dict.fromkeys(k for r in group.records for k in r.metrics)
     out = {}
     for n in names:
-        values = (clean if is_timing_metric(n) else group).values(n)
+        values = counted(group, n).values(n)
         if len(values):
             out[n] = t_interval(values)
     return out
